@@ -1,0 +1,114 @@
+"""Checkpoints: HF-format model + optimizer + scheduler + RNG + data position, written atomically.
+
+Layout: ``RUN_DIR/checkpoints/step_000010/{model/, trainer_state.pt, meta.json}``. A checkpoint is first
+written to a hidden temporary directory and then renamed, so a crash mid-write never leaves a checkpoint
+that looks complete. ``RUN_DIR/checkpoints/latest`` names the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+CHECKPOINTS = "checkpoints"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """Save an ordinary HF model directory (LoRA adapters are merged so any tool can load it)."""
+    from .rollout import _unwrap_peft
+
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "get_base_model"):
+        from .lora import save_merged
+
+        save_merged(model, out)
+    else:
+        _unwrap_peft(model).save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, sampler_state: dict,
+                    extra: dict | None = None, keep: int = 2) -> Path:
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        save_model(model, tokenizer, tmp / "model")
+        if hasattr(model, "get_base_model"):  # also keep the adapter weights themselves for exact resume
+            from .lora import adapter_state_dict
+
+            torch.save(adapter_state_dict(model), tmp / "adapter_state.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "sampler": sampler_state, "rng": rng_state(), "step": step, "extra": extra or {}},
+                   tmp / "trainer_state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_text_atomic(root / "latest", final.name)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / "latest"
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "trainer_state.pt").is_file():
+            return path
+    complete = sorted(p for p in root.glob("step_*") if (p / "trainer_state.pt").is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG in place; return the trainer state (step, sampler, extra)."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "get_base_model"):
+        from .lora import load_adapter_state
+
+        load_adapter_state(model, torch.load(path / "adapter_state.pt", weights_only=False))
+    else:
+        weights: dict[str, torch.Tensor] = {}
+        for shard in sorted((path / "model").glob("*.safetensors")):
+            weights.update(load_file(shard))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # Tied embeddings are stored once; anything else missing means a different model.
+        missing = [m for m in missing if "lm_head" not in m]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state

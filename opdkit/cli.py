@@ -1,0 +1,141 @@
+"""``opdkit`` command line: one subcommand per job, each ``--config FILE.yaml`` plus ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .config import ConfigError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. objective.k=8 run.steps=20")
+
+
+def _cmd_distill(args) -> int:
+    from .config import DistillConfig, load_config
+    from .train import run_distill
+
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+    summary = run_distill(cfg)
+    out = Path(cfg.run.out_dir) / "summary.json"
+    out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if not k.startswith("samples")}, indent=2))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, overrides=args.overrides, config=args.config)
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    from .prune import prune_command
+
+    prune_command(args.model, layers=args.layers, out=args.out, keep=args.keep)
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from . import config as C
+
+    for key, default, text in C.describe(C.DistillConfig):
+        print(f"{key:36s} {default:28s} {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opdkit", description="On-policy distillation of language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("distill", help="on-policy distillation (OPD) of a student from a teacher")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("demo", help="distil SmolLM2-135M-Instruct into a layer-pruned student in minutes")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("prune", help="make a smaller student by dropping decoder layers")
+    p.add_argument("model", help="HF model directory, .gguf file or bundled name")
+    p.add_argument("--layers", type=int, help="number of decoder layers to keep (chosen greedily by perplexity)")
+    p.add_argument("--keep", help="comma-separated layer indices to keep instead of the greedy search")
+    p.add_argument("--out", required=True, help="output directory (an ordinary HF model)")
+    p.set_defaults(func=_cmd_prune)
+
+    p = sub.add_parser("config", help="list every distill config key with its default and meaning")
+    p.set_defaults(func=_cmd_config)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Other modules add their subcommands here (name -> registration function), keeping this file small.
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _load_extra_commands() -> None:
+    import importlib
+
+    for module in ("opdkit.probe", "opdkit.report", "opdkit.recipes.cli", "opdkit.bench.cli", "opdkit.study.cli"):
+        try:
+            importlib.import_module(module).register_cli(EXTRA_COMMANDS)
+        except ModuleNotFoundError as e:
+            if e.name != module and not module.startswith(str(e.name)):
+                raise
+
+
+def quiet_libraries() -> None:
+    """No hub access at run time, and no per-tensor progress bars from transformers."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
+    _load_extra_commands()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"opdkit {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"opdkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing errors with clear messages; tracebacks with -v
+        from .data import DatasetError
+        from .models import ModelNotFoundError, TokenizerMismatchError
+        from .train import TrainingDiverged
+
+        if isinstance(e, (DatasetError, ModelNotFoundError, TokenizerMismatchError, TrainingDiverged, ValueError)) \
+                and not args.verbose:
+            print(f"opdkit {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Typed configuration: one small dataclass per stage, YAML files plus ``key=value`` overrides.
+
+A config file mirrors the dataclass nesting::
+
+    student: {path: runs/pruned15}
+    teacher: {path: smollm2-135m-instruct}
+    objective: {name: topk, k: 16}
+
+and any field can be overridden on the command line as ``objective.k=8``. Values are parsed as YAML
+(``teacher.chat_template_kwargs={enable_thinking: false}`` works). Unknown keys, wrong types and values
+outside a ``Literal`` choice are errors that name the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage configs, in the order a training step uses them.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudentConfig:
+    path: str = _help("HF model directory, .gguf file or bundled name of the student", default="")
+    param_dtype: Literal["float32", "bfloat16"] = _help("dtype of the trained (master) weights", default="float32")
+    compute_dtype: Literal["float32", "bfloat16"] = _help(
+        "autocast dtype of the training forward (bfloat16 is ~2x faster on CPUs with AVX512-BF16)", default="bfloat16")
+    sampling_dtype: Literal["float32", "bfloat16"] = _help(
+        "dtype of the sampling copy of the student, re-synced after every optimizer step", default="bfloat16")
+    gradient_checkpointing: bool = _help("recompute decoder activations in backward to save memory", default=False)
+    lora_rank: int = _help("train LoRA adapters of this rank (PEFT) instead of all weights; 0 = full training",
+                           default=0)
+    lora_alpha: float = _help("LoRA alpha", default=16.0)
+    lora_target_modules: list = _help("module names LoRA adapts", default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    device: str = _help("device of the student (cpu, cuda, cuda:1)", default="cpu")
+
+
+@dataclass
+class TeacherConfig:
+    path: str = _help("HF model directory, .gguf file or bundled name of the teacher", default="")
+    engine: Literal["hf", "vllm", "server"] = _help(
+        "hf: local transformers model; vllm: in-process vLLM; server: OpenAI-compatible server (teacher.url)",
+        default="hf")
+    url: Optional[str] = _help("base URL of a served teacher, e.g. http://127.0.0.1:8000/v1", default=None)
+    served_model: Optional[str] = _help("model name the server expects (default: first model it lists)",
+                                        default=None)
+    dtype: Literal["float32", "bfloat16"] = _help("dtype of the teacher weights", default="bfloat16")
+    head_dtype: Literal["float32", "bfloat16"] = _help(
+        "dtype of the teacher's vocabulary projection; float32 avoids bf16 quantisation of log-ratios",
+        default="float32")
+    temperature: float = _help("teacher logits are divided by this before the softmax", default=1.0)
+    chat_template: Literal["student", "own"] = _help(
+        "student: teacher sees the student's rendered prompt; own: the prompt is re-rendered with the "
+        "teacher's chat template and the student's response tokens appended", default="student")
+    chat_template_kwargs: dict = _help("extra arguments for the teacher's chat template (with chat_template=own)",
+                                       default_factory=dict)
+    chunk_size: int = _help("positions per chunk of the teacher's vocabulary projection", default=1024)
+    device: str = _help("device of the teacher (cpu, cuda, cuda:1)", default="cpu")
+    route: dict = _help("several teachers: {value of data.route_column: teacher path}", default_factory=dict)
+    timeout: float = _help("seconds per request to a served teacher", default=120.0)
+    max_retries: int = _help("retries with exponential backoff for a served teacher", default=4)
+
+
+@dataclass
+class DataConfig:
+    train: str = _help("prompt file: .jsonl or .parquet", default="")
+    eval: Optional[str] = _help("held-out prompt file; default: the last eval.prompts rows of data.train",
+                                default=None)
+    columns: dict = _help(
+        "map opdkit fields (prompt, messages, answer, source) to dataset columns, e.g. {prompt: problem}",
+        default_factory=dict)
+    prompt_suffix: str = _help("text appended to every user prompt (e.g. an answer-format instruction)",
+                               default="")
+    system_prompt: Optional[str] = _help("system message prepended to every conversation", default=None)
+    chat_template_kwargs: dict = _help("extra arguments for the chat template, e.g. {enable_thinking: false}",
+                                       default_factory=dict)
+    max_prompt_length: int = _help("prompts longer than this many tokens are skipped or rejected", default=1024)
+    long_prompts: Literal["skip", "error"] = _help("what to do with a prompt over max_prompt_length",
+                                                   default="skip")
+    shuffle: bool = _help("shuffle prompts each epoch (seeded by run.seed)", default=True)
+    limit: Optional[int] = _help("use only the first N rows of data.train", default=None)
+    route_column: str = _help("column that selects a teacher when teacher.route is set", default="data_source")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = _help("hf: batched sampling with a KV cache in transformers; vllm: in-process vLLM",
+                                          default="hf")
+    prompts_per_step: int = _help("prompts sampled per optimizer step", default=8)
+    n: int = _help("responses sampled per prompt", default=1)
+    temperature: float = _help("sampling temperature (the paper trains at 1.0)", default=1.0)
+    top_p: float = _help("nucleus sampling threshold", default=1.0)
+    max_new_tokens: int = _help("maximum response length; longer responses are truncated and counted",
+                                default=64)
+    vllm_gpu_memory_utilization: float = _help("vLLM: fraction of GPU memory (GPU only)", default=0.3)
+    vllm_enforce_eager: bool = _help("vLLM: skip graph capture/compilation (starts in seconds on CPU)", default=True)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["sampled", "topk", "reverse_kl", "forward_kl", "jsd", "teacher_topk_forward_kl"] = _help(
+        "loss: sampled-token OPD (Eq.3), top-k OPD (Eq.5), full-vocabulary reverse/forward KL, generalised JSD, "
+        "or forward KL on the teacher's top-k (for served teachers)", default="topk")
+    k: int = _help("top-k size", default=16)
+    strategy: Literal["student", "teacher", "intersection", "union", "symmetric_difference"] = _help(
+        "top-k candidate set", default="student")
+    weighting: Literal["student_p", "teacher_p", "none"] = _help(
+        "per-candidate weight of the policy-gradient form (renormalised over the set)", default="student_p")
+    form: Literal["kl", "pg"] = _help(
+        "pg: reference-code policy gradient on detached weighted log-ratios; kl: autograd through KL(p̄||q̄) on the "
+        "renormalised set (Eq.5)", default="kl")
+    beta: float = _help("JSD mixture weight (0 < beta < 1)", default=0.5)
+    aggregation: Literal["token_mean", "seq_mean"] = _help("how per-token losses become one number",
+                                                           default="token_mean")
+    outcome_weight: float = _help("weight of a GRPO-style outcome-reward term (needs answers in the data)",
+                                  default=0.0)
+    chunk_size: int = _help("positions per chunk of the student's vocabulary projection", default=512)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("peak learning rate of AdamW", default=1e-5)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    betas: list = _help("AdamW betas", default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["constant", "cosine", "linear"] = _help("LR schedule after warmup", default="constant")
+    warmup_steps: int = _help("linear warmup steps", default=0)
+    max_grad_norm: float = _help("gradient clipping threshold (global L2 norm); 0 disables", default=1.0)
+    micro_batch_size: int = _help("sequences per forward/backward; gradients accumulate over the step",
+                                  default=8)
+    max_bad_steps: int = _help("consecutive NaN/inf steps tolerated (each is skipped) before the run stops",
+                               default=3)
+
+
+@dataclass
+class EvalConfig:
+    prompts: int = _help("held-out prompts for periodic evaluation (0 disables)", default=32)
+    max_new_tokens: int = _help("greedy response length at evaluation", default=64)
+    batch_size: int = _help("prompts per evaluation batch", default=16)
+    every: int = _help("evaluate every N steps (0: only before and after training)", default=0)
+
+
+@dataclass
+class DiagnosticsConfig:
+    position_span: int = _help("token span of the position-binned diagnostics (0: max_new_tokens / 8)", default=0)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = _help("run directory (metrics, checkpoints, final model)", default="runs/distill")
+    steps: int = _help("optimizer steps", default=50)
+    seed: int = _help("base seed; per-step seeds are derived from it", default=0)
+    save_every: int = _help("checkpoint every N steps (0: only at the end and on Ctrl-C)", default=0)
+    keep_checkpoints: int = _help("how many checkpoints to keep", default=2)
+    resume: bool = _help("continue from the last checkpoint in out_dir", default=False)
+    log_samples: int = _help("rollouts written to samples.jsonl per step", default=2)
+    tensorboard: bool = _help("write TensorBoard event files", default=True)
+    threads: Optional[int] = _help("torch CPU threads (default: all cores)", default=None)
+    progress: bool = _help("show a progress bar", default=True)
+
+
+@dataclass
+class DistillConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        _positive(self, ["rollout.prompts_per_step", "rollout.n", "rollout.max_new_tokens", "objective.k",
+                         "objective.chunk_size", "teacher.chunk_size", "optim.micro_batch_size",
+                         "data.max_prompt_length", "eval.max_new_tokens", "eval.batch_size"])
+        _nonnegative(self, ["run.steps", "run.save_every", "eval.every", "eval.prompts", "optim.warmup_steps",
+                            "optim.lr", "optim.max_grad_norm", "optim.weight_decay", "objective.outcome_weight",
+                            "student.lora_rank"])
+        if not self.student.path:
+            raise ConfigError("student.path is required: a local HF model directory, a .gguf file, or a bundled "
+                              "name such as smollm2-135m-instruct")
+        if not self.teacher.path and self.teacher.engine != "server" and not self.teacher.route:
+            raise ConfigError("teacher.path is required (or teacher.engine=server with teacher.url)")
+        if self.teacher.engine == "server" and not self.teacher.url:
+            raise ConfigError("teacher.engine=server needs teacher.url, e.g. http://127.0.0.1:8000/v1")
+        if not self.data.train:
+            raise ConfigError("data.train is required: a .jsonl or .parquet prompt file")
+        if not 0 < self.rollout.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
+        if self.rollout.temperature <= 0 or self.teacher.temperature <= 0:
+            raise ConfigError("rollout.temperature and teacher.temperature must be > 0")
+        if self.objective.name == "jsd" and not 0 < self.objective.beta < 1:
+            raise ConfigError(f"objective.beta must be in (0, 1) for jsd, got {self.objective.beta}")
+        if self.objective.form == "kl" and self.objective.weighting != "student_p":
+            raise ConfigError("objective.form=kl is KL(p̄||q̄) on the renormalised set, whose weights are the student's "
+                              "p̄ by definition: use objective.weighting=student_p, or objective.form=pg to choose "
+                              "another weighting")
+        if len(self.optim.betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers, got {self.optim.betas}")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _positive(cfg: Any, keys: list[str]) -> None:
+    for key in keys:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
+
+
+def _nonnegative(cfg: Any, keys: list[str]) -> None:
+    for key in keys:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic loading: dict -> dataclass with type checks, YAML + overrides, dumping.
+# --------------------------------------------------------------------------------------------------
+
+T = typing.TypeVar("T")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of its fields, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    if tp in (dict, list) or origin in (dict, list):
+        base = origin or tp
+        if not isinstance(value, base):
+            raise ConfigError(f"{key} must be a {base.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in hints:
+            where = f"in '{prefix.rstrip('.')}'" if prefix else "at the top level"
+            raise ConfigError(f"unknown config key '{prefix}{key}'; allowed keys {where}: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    data: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. objective.k=8")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from None
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and v:
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> T:
+    """Build ``cls`` from defaults < ``base`` < YAML file < ``key=value`` overrides, then validate."""
+    data = dict(base or {})
+    if path:
+        try:
+            data = deep_merge(data, load_yaml(path))
+        except ConfigError:
+            raise
+    data = deep_merge(data, parse_overrides(overrides or []))
+    try:
+        cfg = from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) rows for the README's config reference and ``opdkit config``."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+        text = f.metadata.get("help", "")
+        if choices:
+            text += f" ({' / '.join(choices)})"
+        rows.append((prefix + f.name, repr(default), text))
+    return rows

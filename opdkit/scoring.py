@@ -1,0 +1,164 @@
+"""Teacher scoring: the teacher reads the student's own tokens and returns only what the objective needs.
+
+The teacher's decoder runs once over prompt + response; its vocabulary projection runs in chunks over the
+valid response positions only, and each chunk is reduced at once to a few numbers per position (sampled-token
+log-prob, top-k ids and log-probs, log-probs at the student's top-k ids, entropy, log-normaliser). Memory is
+O(B·T·k) plus one (chunk, V) block, never (B, T, V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .rollout import left_pad
+
+
+@dataclass
+class TeacherScores:
+    """Teacher quantities at each response position of a rollout. All (B, T, ...) and 0 where masked.
+
+    Attributes:
+        sampled_logp: (B, T) log q_t(ŷ_t) at the teacher temperature.
+        topk_ids, topk_logp: (B, T, k) the teacher's top-k S^q_t and log q_t on it (None if k = 0).
+        logp_at_student_topk: (B, T, k) log q_t at the student's top-k ids S^p_t (None if not requested or the
+            engine cannot score arbitrary ids).
+        entropy: (B, T) full-vocabulary entropy H(q_t) (None if the engine cannot provide it).
+        hidden: (B, T, H) final hidden states at the positions predicting each response token, kept only for
+            full-vocabulary objectives (the loss recomputes teacher logits chunk by chunk with ``head_logits``).
+    """
+
+    sampled_logp: torch.Tensor
+    topk_ids: torch.Tensor | None = None
+    topk_logp: torch.Tensor | None = None
+    logp_at_student_topk: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+    def select(self, rows: torch.Tensor) -> "TeacherScores":
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return TeacherScores(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+class Teacher(Protocol):
+    """What the training loop needs from a teacher engine."""
+
+    #: capabilities: subset of {"sampled", "topk", "at_ids", "entropy", "hidden"}
+    capabilities: frozenset[str]
+
+    def score(self, prompt_ids: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor, *,
+              k: int, student_topk_ids: torch.Tensor | None = None, keep_hidden: bool = False,
+              sources: list[str] | None = None) -> TeacherScores: ...
+
+
+def decoder_and_head(model):
+    """The decoder stack (returns hidden states) and the vocabulary projection of a causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, base.base_model_prefix)
+    return decoder, base.get_output_embeddings()
+
+
+def final_logit_softcap(model) -> float | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
+
+
+def response_hidden_states(model, prompt_ids: list[list[int]], response_ids: torch.Tensor, pad_id: int
+                           ) -> torch.Tensor:
+    """Final hidden states (B, T, H) at the positions that predict each response token.
+
+    Prompts are left-padded to P; position P-1+t predicts response token t.
+    """
+    decoder, _ = decoder_and_head(model)
+    device = next(model.parameters()).device
+    prompts, prompt_mask = left_pad(prompt_ids, pad_id)
+    B, T = response_ids.shape
+    ids = torch.cat([prompts, response_ids], 1).to(device)
+    # Tokens after EOS are masked out of the loss; causal attention keeps them from affecting earlier positions.
+    attn = torch.cat([prompt_mask, torch.ones(B, T, dtype=prompt_mask.dtype)], 1).to(device)
+    position = (attn.cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=False).last_hidden_state
+    P = prompts.shape[1]
+    return hidden[:, P - 1:P - 1 + T]
+
+
+class HeadProjection:
+    """Logits of a model's vocabulary projection on any hidden states, restricted to the shared vocabulary.
+
+    Holds its own copy of the head weight in ``dtype`` (fp32 by default: bf16 logits are spaced ~0.125 apart
+    near |z| = 20, which would quantise every log-ratio OPD uses).
+    """
+
+    def __init__(self, model, vocab_size: int, temperature: float = 1.0, dtype: torch.dtype = torch.float32):
+        _, head = decoder_and_head(model)
+        self.weight = head.weight.detach()[:vocab_size].to(dtype)
+        self.bias = None if getattr(head, "bias", None) is None else head.bias.detach()[:vocab_size].to(dtype)
+        self.temperature, self.dtype = temperature, dtype
+        self.softcap = final_logit_softcap(model)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(hidden.to(self.dtype), self.weight, self.bias)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float() / self.temperature
+
+
+def reduce_logits(logits: torch.Tensor, sampled: torch.Tensor, k: int, at_ids: torch.Tensor | None
+                  ) -> dict[str, torch.Tensor]:
+    """Reduce a (N, V) logits chunk to per-position quantities (the only place teacher logits exist)."""
+    logz = torch.logsumexp(logits, -1, keepdim=True)
+    logp = logits - logz
+    out = {"sampled_logp": logp.gather(-1, sampled[:, None]).squeeze(-1),
+           "entropy": -(logp.exp() * logp).sum(-1)}
+    if k:
+        top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        out["topk_ids"], out["topk_logp"] = top.indices, top.values
+    if at_ids is not None:
+        out["logp_at_student_topk"] = logp.gather(-1, at_ids)
+    return out
+
+
+def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Place (N, ...) values at the True positions of mask (B, T) in a zero (B, T, ...) tensor."""
+    out = values.new_zeros(mask.shape + values.shape[1:])
+    out[mask] = values
+    return out
+
+
+class HFTeacher:
+    """A local transformers teacher. Scores any ids, so every objective is available."""
+
+    capabilities = frozenset({"sampled", "topk", "at_ids", "entropy", "hidden"})
+
+    def __init__(self, model, *, vocab_size: int, pad_id: int, temperature: float = 1.0, chunk_size: int = 1024,
+                 head_dtype: torch.dtype = torch.float32):
+        self.model, self.pad_id, self.chunk_size = model, pad_id, chunk_size
+        self.head = HeadProjection(model, vocab_size, temperature, head_dtype)
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def score(self, prompt_ids: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor, *,
+              k: int, student_topk_ids: torch.Tensor | None = None, keep_hidden: bool = False,
+              sources: list[str] | None = None) -> TeacherScores:
+        hidden = response_hidden_states(self.model, prompt_ids, response_ids, self.pad_id)
+        mask = response_mask.to(hidden.device)
+        flat_h = hidden[mask]
+        flat_tok = response_ids.to(hidden.device)[mask]
+        flat_at = None if student_topk_ids is None else student_topk_ids.to(hidden.device)[mask]
+        parts: dict[str, list[torch.Tensor]] = {}
+        # max(.., 1): an all-masked batch still runs one empty chunk, so every field gets its shape.
+        for start in range(0, max(flat_h.shape[0], 1), self.chunk_size):
+            sl = slice(start, start + self.chunk_size)
+            chunk = reduce_logits(self.head(flat_h[sl]), flat_tok[sl], k, None if flat_at is None else flat_at[sl])
+            for name, value in chunk.items():
+                parts.setdefault(name, []).append(value)
+        full = {name: scatter_rows(torch.cat(vals).cpu(), response_mask) for name, vals in parts.items()}
+        return TeacherScores(
+            sampled_logp=full["sampled_logp"], topk_ids=full.get("topk_ids"), topk_logp=full.get("topk_logp"),
+            logp_at_student_topk=full.get("logp_at_student_topk"), entropy=full["entropy"],
+            hidden=hidden.detach().cpu() if keep_hidden else None)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.to(self.device))

@@ -1,0 +1,447 @@
+"""The OPD loop: prompts -> rollout -> teacher scoring -> token losses and diagnostics -> optimizer step.
+
+``Distiller`` builds the pieces once (models, data, engines, optimizer) and ``opd_step`` composes one step
+from the stage modules. Everything a resumed run needs lives in the checkpoint, and per-step seeds are
+derived from ``run.seed`` and the step index, so an interrupted and resumed run matches an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import objectives as obj
+from .answers import score_response
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from .config import ConfigError, DistillConfig, dump_yaml
+from .data import Example, PromptSampler, load_prompts, render_prompt
+from .diagnostics import step_diagnostics
+from .evaluation import decode_responses, evaluate
+from .loss import check_teacher_supports, full_vocab_fn, teacher_candidate_logp, token_loss
+from .models import DTYPES, check_tokenizers, eos_token_ids, freeze, load_causal_lm, load_tokenizer, \
+    model_vocab_size, resolve_model_path
+from .rollout import Rollout
+from .scoring import TeacherScores
+from .student import student_forward
+from .tracking import StepView, Tracker, console, format_metrics
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Sampling seed of one step: distinct per (seed, step), independent of how the run was split."""
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the peak LR at scheduler step s: linear warmup, then constant / cosine / linear decay."""
+    decays = {
+        "constant": lambda progress: 1.0,
+        "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+        "linear": lambda progress: 1.0 - progress,
+    }
+    decay = decays[schedule]
+
+    def fn(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return decay(min(1.0, (s - warmup) / max(1, total - warmup)))
+
+    return fn
+
+
+def make_optimizer(params, optim_cfg, total_steps: int):
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+                                  weight_decay=optim_cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(optim_cfg.schedule, optim_cfg.warmup_steps, total_steps))
+    return optimizer, scheduler
+
+
+@dataclass
+class StepBatch:
+    """Everything one optimizer step works on, detached, for metrics and diagnostics (B, T, ...)."""
+
+    rollout: Rollout
+    scores: TeacherScores
+    student_logp_sampled: torch.Tensor
+    student_logp_at: torch.Tensor | None
+    student_entropy: torch.Tensor
+    rewards: torch.Tensor | None
+    texts: list[str] = field(default_factory=list)
+
+
+class Distiller:
+    """Owns the models, data, engines and optimizer of one distillation run."""
+
+    def __init__(self, cfg: DistillConfig, *, student=None, teacher_model=None, tokenizer=None,
+                 teacher_tokenizer=None, log_to_disk: bool = True):
+        self.cfg = cfg
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.run_dir = Path(cfg.run.out_dir)
+        self.log_to_disk = log_to_disk
+        self._load_models(student, teacher_model, tokenizer, teacher_tokenizer)
+        self._load_data()
+        self._build_engines()
+        self.optimizer, self.scheduler = make_optimizer(self.student.parameters(), cfg.optim, cfg.run.steps)
+        self.sampler = PromptSampler(len(self.train_set), cfg.rollout.prompts_per_step, cfg.run.seed,
+                                     cfg.data.shuffle)
+        self.step = 0
+        self.bad_steps = 0
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def _load_models(self, student, teacher_model, tokenizer, teacher_tokenizer) -> None:
+        cfg = self.cfg
+        if student is None:
+            s_path = resolve_model_path(cfg.student.path)
+            tokenizer = load_tokenizer(s_path)
+            student = load_causal_lm(s_path, cfg.student.param_dtype)
+        if teacher_model is None and cfg.teacher.engine == "hf" and not cfg.teacher.route:
+            t_path = resolve_model_path(cfg.teacher.path)
+            teacher_tokenizer = load_tokenizer(t_path)
+            teacher_model = load_causal_lm(t_path, cfg.teacher.dtype)
+        self.tokenizer = tokenizer
+        self.teacher_tokenizer = teacher_tokenizer or tokenizer
+        student.to(cfg.student.device)
+        if cfg.student.lora_rank:
+            from .lora import apply_lora
+
+            student = apply_lora(student, cfg.student)
+        if cfg.student.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.train()
+        self.student = student
+        self.teacher_model = teacher_model
+        if teacher_model is not None:
+            freeze(teacher_model)
+            teacher_model.to(cfg.teacher.device)
+            self.vocab = check_tokenizers(tokenizer, self.teacher_tokenizer, model_vocab_size(student),
+                                          model_vocab_size(teacher_model), cfg.student.path, cfg.teacher.path)
+            self.vocab_size = self.vocab.shared_vocab_size
+        else:
+            self.vocab_size = model_vocab_size(student)
+        self.eos_ids = eos_token_ids(tokenizer, student)
+        self.pad_id = tokenizer.pad_token_id
+
+    def _render_kwargs(self) -> dict:
+        d = self.cfg.data
+        return dict(columns=d.columns, prompt_suffix=d.prompt_suffix, system_prompt=d.system_prompt,
+                    chat_template_kwargs=d.chat_template_kwargs, max_prompt_length=d.max_prompt_length,
+                    long_prompts=d.long_prompts)
+
+    def _load_data(self) -> None:
+        d, e = self.cfg.data, self.cfg.eval
+        train = load_prompts(d.train, self.tokenizer, limit=d.limit, **self._render_kwargs())
+        examples = train.examples
+        self.skipped_long = train.skipped_long
+        if d.eval:
+            eval_examples = load_prompts(d.eval, self.tokenizer, **self._render_kwargs()).examples[:e.prompts]
+        elif e.prompts:
+            if len(examples) <= e.prompts:
+                raise ConfigError(f"data.train ({d.train}) has {len(examples)} usable prompts, not enough to hold "
+                                  f"out eval.prompts={e.prompts} for evaluation: set data.eval, lower eval.prompts "
+                                  f"or set eval.prompts=0")
+            examples, eval_examples = examples[:-e.prompts], examples[-e.prompts:]
+        else:
+            eval_examples = []
+        self.train_set: list[Example] = examples
+        self.eval_set: list[Example] = eval_examples
+        self.teacher_prompts = {id(ex): self._teacher_prompt(ex) for ex in examples + eval_examples}
+
+    def _teacher_prompt(self, ex: Example) -> list[int]:
+        t = self.cfg.teacher
+        if t.chat_template == "student":
+            return ex.prompt_ids
+        return render_prompt(self.teacher_tokenizer, ex.messages, t.chat_template_kwargs)
+
+    def _build_engines(self) -> None:
+        from .engines import build_rollout_engine, build_teacher
+
+        cfg = self.cfg
+        self.engine = build_rollout_engine(cfg, self.student, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                           vocab_size=self.vocab_size, tokenizer=self.tokenizer)
+        self.teacher = build_teacher(cfg, self.teacher_model, vocab_size=self.vocab_size, pad_id=self.pad_id,
+                                     tokenizer=self.tokenizer)
+        check_teacher_supports(cfg.objective, self.teacher.capabilities, cfg.teacher.engine)
+        self.k = cfg.objective.k if cfg.objective.name != "sampled" or "topk" in self.teacher.capabilities else 0
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def rollout(self, indices: list[int], seed: int) -> Rollout:
+        c = self.cfg.rollout
+        return self.engine.generate([self.train_set[i].prompt_ids for i in indices], n=c.n,
+                                    temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
+                                    topk=self.k, seed=seed, example_index=indices)
+
+    def score(self, rollout: Rollout) -> TeacherScores:
+        prompts = [self.teacher_prompts[id(self.train_set[i])] for i in rollout.example_index]
+        return self.teacher.score(prompts, rollout.response_ids, rollout.response_mask, k=self.k,
+                                  student_topk_ids=rollout.topk_ids if "at_ids" in self.teacher.capabilities else None,
+                                  keep_hidden=full_vocab_fn(self.cfg.objective) is not None,
+                                  sources=[self.train_set[i].source for i in rollout.example_index])
+
+    def outcome_rewards(self, rollout: Rollout, texts: list[str]) -> torch.Tensor | None:
+        answers = [self.train_set[i].answer for i in rollout.example_index]
+        if all(a is None for a in answers):
+            return None
+        return torch.tensor([score_response(t, a) or 0.0 for t, a in zip(texts, answers)])
+
+    def update(self, rollout: Rollout, scores: TeacherScores, rewards: torch.Tensor | None
+               ) -> tuple[float, StepBatch]:
+        """Micro-batched forward/backward over the rollout; returns the step loss and detached step tensors."""
+        o = self.cfg.objective
+        mask = rollout.response_mask
+        num_tokens, num_seqs = float(mask.sum()), float(mask.shape[0])
+        at_ids = valid = None
+        if self.k:
+            at_ids = torch.cat([rollout.topk_ids, scores.topk_ids], -1) if scores.topk_ids is not None \
+                else rollout.topk_ids
+            if scores.topk_ids is not None:
+                valid = obj.candidate_mask(o.strategy, rollout.topk_ids, scores.topk_ids)
+        seq_adv = None
+        if o.outcome_weight and rewards is not None:
+            seq_adv = obj.group_advantages(rewards, rollout.group_size)
+        full_fn = full_vocab_fn(o)
+        total = 0.0
+        logp_sampled, logp_at, entropy = [], [], []
+        mb = self.cfg.optim.micro_batch_size
+        for start in range(0, len(rollout), mb):
+            rows = torch.arange(start, min(start + mb, len(rollout)))
+            sub, sub_scores = rollout.select(rows.tolist()), scores.select(rows)
+            out = student_forward(
+                self.student, sub.prompt_ids, sub.response_ids, sub.response_mask, pad_id=self.pad_id,
+                vocab_size=self.vocab_size, at_ids=None if at_ids is None else at_ids[rows],
+                chunk_size=o.chunk_size, temperature=self.cfg.rollout.temperature,
+                compute_dtype=DTYPES[self.cfg.student.compute_dtype], full_fn=full_fn,
+                teacher_hidden=sub_scores.hidden, teacher_head=getattr(self.teacher, "head_logits", None))
+            per_token = token_loss(o, out, sub_scores, None if valid is None else valid[rows],
+                                   None if seq_adv is None else seq_adv[rows])
+            loss = obj.aggregate(per_token, sub.response_mask.to(per_token.device), o.aggregation,
+                                 num_tokens, num_seqs)
+            loss.backward()
+            total += float(loss.detach())
+            logp_sampled.append(out.logp_sampled.detach().cpu())
+            logp_at.append(None if out.logp_at is None else out.logp_at.detach().cpu())
+            entropy.append(out.entropy.cpu())
+        batch = StepBatch(rollout, scores, torch.cat(logp_sampled),
+                          None if logp_at[0] is None else torch.cat(logp_at), torch.cat(entropy), rewards)
+        return total, batch
+
+    def optimizer_step(self, loss: float) -> dict:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        max_norm = self.cfg.optim.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if finite:
+            self.engine.sync_weights(self.student)
+        return {"optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": 0.0 if finite else 1.0}
+
+    def opd_step(self, step: int) -> tuple[dict, StepBatch]:
+        timer = PhaseTimer()
+        indices = self.sampler.next_batch()
+        with timer("rollout"):
+            rollout = self.rollout(indices, step_seed(self.cfg.run.seed, step))
+            texts = decode_responses(self.tokenizer, rollout.response_ids, rollout.response_mask)
+            rewards = self.outcome_rewards(rollout, texts)
+        with timer("teacher"):
+            scores = self.score(rollout)
+        with timer("train"):
+            loss, batch = self.update(rollout, scores, rewards)
+            optim_metrics = self.optimizer_step(loss)
+        batch.texts = texts
+        metrics = {"opd/loss": loss, **self.core_metrics(batch), **optim_metrics,
+                   **step_diagnostics(batch, k=self.k, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                      span=self.cfg.diagnostics.position_span or None),
+                   **{f"time/{k}": v for k, v in timer.seconds.items()}}
+        metrics["time/step"] = sum(timer.seconds.values())
+        return metrics, batch
+
+    def core_metrics(self, b: StepBatch) -> dict:
+        mask = b.rollout.response_mask
+        n = mask.sum().clamp(min=1)
+        lengths = mask.sum(-1).float()
+        kl_token = (b.student_logp_sampled - b.scores.sampled_logp) * mask
+        out = {
+            # k1 estimate of the per-token reverse KL on the student's own samples (unbiased for any objective)
+            "opd/reverse_kl": float(kl_token.sum() / n),
+            "opd/teacher_logp": float((b.scores.sampled_logp * mask).sum() / n),
+            "opd/student_logp": float((b.student_logp_sampled * mask).sum() / n),
+            "rollout/len_mean": float(lengths.mean()),
+            "rollout/len_max": float(lengths.max()),
+            "rollout/eos_frac": float((~b.rollout.truncated).float().mean()),
+            "rollout/truncated_frac": float(b.rollout.truncated.float().mean()),
+            "rollout/tokens": float(mask.sum()),
+        }
+        if b.rewards is not None:
+            out["rollout/accuracy"] = float(b.rewards.mean())
+        return out
+
+    def samples(self, batch: StepBatch, count: int) -> list[dict]:
+        rows = []
+        for i in range(min(count, len(batch.rollout))):
+            m = batch.rollout.response_mask[i]
+            ex = self.train_set[batch.rollout.example_index[i]]
+            kl = (batch.student_logp_sampled[i] - batch.scores.sampled_logp[i])[m]
+            rows.append({"prompt": ex.messages[-1]["content"], "response": batch.texts[i],
+                         "tokens": self.tokenizer.convert_ids_to_tokens(batch.rollout.response_ids[i][m].tolist()),
+                         "token_reverse_kl": [round(float(x), 4) for x in kl],
+                         "answer": ex.answer, "reward": None if batch.rewards is None else float(batch.rewards[i])})
+        return rows
+
+    # -- evaluation, checkpoints, the loop -------------------------------------------------------------
+
+    def evaluate(self) -> tuple[dict, list[dict]]:
+        if not self.eval_set:
+            return {}, []
+        if "hidden" not in self.teacher.capabilities:
+            console.print("[yellow]eval: the teacher engine cannot return hidden states; exact reverse KL skipped[/]")
+            return {}, []
+        e = self.cfg.eval
+        return evaluate(student=self.student, engine=self.engine, teacher=self.teacher, tokenizer=self.tokenizer,
+                        examples=self.eval_set, teacher_prompts=[self.teacher_prompts[id(x)] for x in self.eval_set],
+                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, pad_id=self.pad_id,
+                        vocab_size=self.vocab_size, chunk_size=self.cfg.objective.chunk_size)
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(self.run_dir, step, model=self.student, tokenizer=self.tokenizer,
+                               optimizer=self.optimizer, scheduler=self.scheduler,
+                               sampler_state=self.sampler.state_dict(), extra={"bad_steps": self.bad_steps},
+                               keep=self.cfg.run.keep_checkpoints)
+
+    def restore(self) -> int:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise ConfigError(f"run.resume=true but {self.run_dir} has no checkpoint to resume from")
+        state = load_checkpoint(path, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.sampler.load_state_dict(state["sampler"])
+        self.bad_steps = state["extra"].get("bad_steps", 0)
+        self.engine.sync_weights(self.student)
+        console.print(f"resumed from {path} (step {state['step']})")
+        return int(state["step"])
+
+    def _after_step(self, step: int, metrics: dict, batch: StepBatch, tracker: Tracker, view: StepView,
+                    step_times: dict[str, list[float]]) -> None:
+        cfg = self.cfg
+        if metrics["optim/skipped"]:
+            console.print(f"[yellow]step {step}: non-finite loss or gradient (loss={metrics['opd/loss']}, "
+                          f"grad_norm={metrics['optim/grad_norm']}); step skipped[/]")
+            if self.bad_steps > cfg.optim.max_bad_steps:
+                tracker.log(step, metrics)
+                last = latest_checkpoint(self.run_dir)
+                raise TrainingDiverged(
+                    f"{self.bad_steps} consecutive non-finite steps (limit optim.max_bad_steps="
+                    f"{cfg.optim.max_bad_steps}); stopping. Last good checkpoint: {last or 'none'}. "
+                    f"Lower optim.lr, check teacher.temperature, or inspect {self.run_dir}/samples.jsonl")
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.run.steps:
+            metrics.update(self.evaluate()[0])
+        tracker.log(step, metrics)
+        tracker.log_samples(step, self.samples(batch, cfg.run.log_samples))
+        for key in ("time/rollout", "time/teacher", "time/train", "time/step"):
+            step_times.setdefault(key, []).append(metrics[key])
+        view.update(step, format_metrics(metrics, ["opd/loss", "opd/reverse_kl", "diag/overlap_ratio",
+                                                   "rollout/len_mean", "time/step"]))
+        # A checkpoint is only written after a good step, so "the last checkpoint" is always a good one.
+        if cfg.run.save_every and step % cfg.run.save_every == 0 and self.log_to_disk and not self.bad_steps:
+            self.save(step)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        wall_start = time.perf_counter()
+        existing = latest_checkpoint(self.run_dir)
+        if existing is not None and not cfg.run.resume:
+            raise ConfigError(f"{self.run_dir} already holds a run ({existing.name}); pass run.resume=true to "
+                              f"continue it, or choose another run.out_dir")
+        start = self.restore() if cfg.run.resume else 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        tracker = Tracker(self.run_dir, tensorboard=cfg.run.tensorboard, resume_step=start if cfg.run.resume else None,
+                          enabled=self.log_to_disk)
+        summary: dict = {"steps": cfg.run.steps, "skipped_long_prompts": self.skipped_long}
+        before: dict = {}
+        if start == 0 and cfg.eval.prompts:
+            before, before_samples = self.evaluate()
+            tracker.log(0, before)
+            summary["eval_before"], summary["samples_before"] = before, before_samples[:4]
+        view = StepView(cfg.run.steps, start, enabled=cfg.run.progress)
+        step_times: dict[str, list[float]] = {}
+        self.completed = step = start
+        try:
+            for step in range(start + 1, cfg.run.steps + 1):
+                sampler_before = self.sampler.state_dict()
+                metrics, batch = self.opd_step(step)
+                self.completed = step
+                self._after_step(step, metrics, batch, tracker, view, step_times)
+        except KeyboardInterrupt:
+            view.close()
+            if self.completed < step:  # the step in flight never reached the optimizer: forget its batch
+                self.sampler.load_state_dict(sampler_before)
+                self.optimizer.zero_grad(set_to_none=True)
+            if self.completed > start and self.log_to_disk:
+                path = self.save(self.completed)
+                console.print(f"[yellow]interrupted: checkpoint saved at {path}; continue with run.resume=true[/]")
+            tracker.close()
+            raise
+        view.close()
+        if self.log_to_disk and cfg.run.steps > start:
+            self.save(cfg.run.steps)
+        after: dict = {}
+        if cfg.eval.prompts:
+            after, after_samples = self.evaluate()
+            tracker.log(cfg.run.steps, after)
+            summary["eval_after"], summary["samples_after"] = after, after_samples[:4]
+        tracker.close()
+        if self.log_to_disk:
+            save_model(self.student, self.tokenizer, self.run_dir / "final_model")
+        wall = time.perf_counter() - wall_start
+        summary.update({
+            "wall_seconds": wall,
+            "seconds_per_step": statistics.median(step_times["time/step"]) if step_times else None,
+            "phase_seconds_median": {k.split("/")[1]: statistics.median(v) for k, v in step_times.items()},
+        })
+        if before and after:
+            summary["reverse_kl_before"] = before["eval/reverse_kl"]
+            summary["reverse_kl_after"] = after["eval/reverse_kl"]
+            if "eval/accuracy" in before:
+                summary["accuracy_before"], summary["accuracy_after"] = before["eval/accuracy"], after["eval/accuracy"]
+        return summary
+
+
+def run_distill(cfg: DistillConfig, **kwargs) -> dict:
+    console.print("[bold]resolved config[/]")
+    console.print(dump_yaml(cfg), highlight=False)
+    return Distiller(cfg, **kwargs).run()

