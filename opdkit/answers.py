@@ -19,7 +19,7 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 def _timeout() -> int | None:
     return 5 if threading.current_thread() is threading.main_thread() else None
 
-ANSWER_LINE = re.compile(r"^\s*\**\s*answer\s*\**\s*[:：]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+ANSWER_LINE = re.compile(r"^\s*\**\s*answer\s*[:：]\s*\**\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 
 def last_boxed(text: str) -> str | None:
@@ -42,8 +42,7 @@ def extract_answer(text: str) -> str | None:
         return boxed
     lines = ANSWER_LINE.findall(text)
     if lines:
-        answer = lines[-1].strip().strip("$").strip()
-        answer = answer.rstrip(".").strip()
+        answer = lines[-1].strip().rstrip(".").strip().strip("$").strip()
         return answer or None
     return None
 

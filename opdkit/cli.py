@@ -19,10 +19,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_distill(args) -> int:
     from .config import DistillConfig, load_config
-    from .train import run_distill
+    from .train import is_main_process, run_distill
 
     cfg = load_config(DistillConfig, args.config, args.overrides)
     summary = run_distill(cfg)
+    if not is_main_process():
+        return 0
     out = Path(cfg.run.out_dir) / "summary.json"
     out.write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if not k.startswith("samples")}, indent=2))
@@ -46,7 +48,13 @@ def _cmd_prune(args) -> int:
 def _cmd_config(args) -> int:
     from . import config as C
 
-    for key, default, text in C.describe(C.DistillConfig):
+    rows = C.describe(C.DistillConfig)
+    if args.markdown:
+        print("| key | default | meaning |\n|---|---|---|")
+        for key, default, text in rows:
+            print(f"| `{key}` | `{default}` | {text.replace('|', '/')} |")
+        return 0
+    for key, default, text in rows:
         print(f"{key:36s} {default:28s} {text}")
     return 0
 
@@ -73,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("config", help="list every distill config key with its default and meaning")
+    p.add_argument("--markdown", action="store_true", help="as a markdown table (the README's config reference)")
     p.set_defaults(func=_cmd_config)
 
     for register in EXTRA_COMMANDS:

@@ -130,6 +130,8 @@ class ObjectiveConfig:
     beta: float = _help("JSD mixture weight (0 < beta < 1)", default=0.5)
     aggregation: Literal["token_mean", "seq_mean"] = _help("how per-token losses become one number",
                                                            default="token_mean")
+    opd_weight: float = _help("weight of the distillation term (0 with outcome_weight > 0: pure GRPO, no teacher)",
+                              default=1.0)
     outcome_weight: float = _help("weight of a GRPO-style outcome-reward term (needs answers in the data)",
                                   default=0.0)
     chunk_size: int = _help("positions per chunk of the student's vocabulary projection", default=512)
@@ -140,6 +142,7 @@ class OptimConfig:
     lr: float = _help("peak learning rate of AdamW", default=1e-5)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     betas: list = _help("AdamW betas", default_factory=lambda: [0.9, 0.999])
+    eps: float = _help("AdamW epsilon", default=1e-8)
     schedule: Literal["constant", "cosine", "linear"] = _help("LR schedule after warmup", default="constant")
     warmup_steps: int = _help("linear warmup steps", default=0)
     max_grad_norm: float = _help("gradient clipping threshold (global L2 norm); 0 disables", default=1.0)
@@ -188,17 +191,26 @@ class DistillConfig:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    @property
+    def uses_teacher(self) -> bool:
+        """False only for pure outcome-reward training (opd_weight 0 and no teacher given)."""
+        return self.objective.opd_weight != 0 or bool(self.teacher.path or self.teacher.url or self.teacher.route)
+
     def validate(self) -> None:
         _positive(self, ["rollout.prompts_per_step", "rollout.n", "rollout.max_new_tokens", "objective.k",
                          "objective.chunk_size", "teacher.chunk_size", "optim.micro_batch_size",
                          "data.max_prompt_length", "eval.max_new_tokens", "eval.batch_size"])
         _nonnegative(self, ["run.steps", "run.save_every", "eval.every", "eval.prompts", "optim.warmup_steps",
                             "optim.lr", "optim.max_grad_norm", "optim.weight_decay", "objective.outcome_weight",
+                            "objective.opd_weight",
                             "student.lora_rank"])
         if not self.student.path:
             raise ConfigError("student.path is required: a local HF model directory, a .gguf file, or a bundled "
                               "name such as smollm2-135m-instruct")
-        if not self.teacher.path and self.teacher.engine != "server" and not self.teacher.route:
+        if self.objective.opd_weight == 0 and self.objective.outcome_weight == 0:
+            raise ConfigError("objective.opd_weight and objective.outcome_weight are both 0: nothing to train")
+        if (self.uses_teacher and not self.teacher.path and self.teacher.engine != "server"
+                and not self.teacher.route):
             raise ConfigError("teacher.path is required (or teacher.engine=server with teacher.url)")
         if self.teacher.engine == "server" and not self.teacher.url:
             raise ConfigError("teacher.engine=server needs teacher.url, e.g. http://127.0.0.1:8000/v1")

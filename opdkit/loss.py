@@ -91,10 +91,13 @@ def full_vocab_fn(cfg: ObjectiveConfig) -> Callable | None:
     return fn
 
 
-def token_loss(cfg: ObjectiveConfig, student: StudentOutputs, teacher: TeacherScores, valid: torch.Tensor | None,
-               sequence_advantage: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token loss (B, T) of the configured objective, plus ``outcome_weight`` × the outcome PG term."""
-    loss = OBJECTIVES[cfg.name](cfg, student, teacher, valid)
+def token_loss(cfg: ObjectiveConfig, student: StudentOutputs, teacher: TeacherScores | None,
+               valid: torch.Tensor | None, sequence_advantage: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token loss (B, T): ``opd_weight`` × the distillation objective + ``outcome_weight`` × the outcome
+    policy-gradient term (the hybrid OPD + GRPO objective; ``opd_weight`` = 0 is plain GRPO)."""
+    loss = torch.zeros_like(student.logp_sampled)
+    if cfg.opd_weight and teacher is not None:
+        loss = loss + cfg.opd_weight * OBJECTIVES[cfg.name](cfg, student, teacher, valid)
     if cfg.outcome_weight and sequence_advantage is not None:
         loss = loss + cfg.outcome_weight * obj.outcome_pg_loss(student.logp_sampled, sequence_advantage)
     return loss

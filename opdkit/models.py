@@ -182,10 +182,11 @@ def check_tokenizers(student_tok, teacher_tok, student_vocab_size: int, teacher_
         warnings.append(
             f"{student_name} has {student_vocab_size} embedding rows and {teacher_name} has {teacher_vocab_size}; "
             f"distributions are compared on the {shared_size} shared ids (padding rows are ignored)")
-    tok_size = max(len(s_vocab), len(t_vocab))
+    tok_size = min(len(s_vocab), len(t_vocab))
     if tok_size > shared_size:
         raise TokenizerMismatchError(
-            f"the tokenizers have {tok_size} tokens but the smaller model has only {shared_size} embedding rows")
+            f"the shared tokenizer has {tok_size} tokens but the smaller model has only {shared_size} embedding "
+            f"rows: {student_name} and {teacher_name} cannot score the same ids")
     for w in warnings:
         log.warning(w)
     return VocabCheck(shared_size, tuple(warnings))

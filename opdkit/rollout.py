@@ -94,12 +94,14 @@ def model_vocab_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Te
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int], pad_id: int,
            temperature: float = 1.0, top_p: float = 1.0, topk: int = 0, greedy: bool = False,
-           generator: torch.Generator | None = None, vocab_size: int | None = None
+           seeds: list[int] | None = None, vocab_size: int | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Batched sampling with a KV cache.
 
     Args:
         prompts: B token-id lists (left-padded here).
+        seeds: one seed per row. Each row draws its noise from its own generator, so a row's sample does not
+            depend on which other rows share its batch (sharded and single-process runs sample alike).
         vocab_size: restrict sampling to ids < vocab_size (the ids shared with the teacher).
     Returns:
         response_ids (B, T), response_mask (B, T), sampling_logp (B, T), topk_ids (B, T, k) or None,
@@ -118,6 +120,9 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
     next_pos = position[:, -1:] + 1
     eos = torch.tensor(eos_ids, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (B,)).tolist()
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     tokens, logps, tops = [], [], []
     for _ in range(max_new_tokens):
         logits = model_vocab_logits(out.logits[:, -1].float(), vocab_size)
@@ -129,8 +134,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
         else:
             scaled = filter_top_p(logits / temperature, top_p)
             logprobs = torch.log_softmax(scaled, -1)
-            # Gumbel-max: exact sampling from softmax(scaled) driven by an explicit generator.
-            u = torch.rand(logprobs.shape, generator=generator, device="cpu").to(device)
+            # Gumbel-max: exact sampling from softmax(scaled) driven by explicit per-row generators.
+            u = torch.stack([torch.rand(logprobs.shape[-1], generator=g) for g in generators]).to(device)
             tok = (logprobs - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)
             logp = logprobs.gather(-1, tok[:, None]).squeeze(-1)
         tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
@@ -150,9 +155,15 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
     return response, mask, sampling_logp, topk_ids, ~ended
 
 
+def row_seeds(seed: int, offset: int, count: int) -> list[int]:
+    """Seeds of rows offset..offset+count-1 of a step: a row's randomness depends only on (seed, global row)."""
+    return [(seed * 2_654_435_761 + (offset + i) * 97_531 + 1) % (2**63 - 1) for i in range(count)]
+
+
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, topk: int, seed: int, greedy: bool = False) -> Rollout: ...
+                 max_new_tokens: int, topk: int, seed: int, greedy: bool = False,
+                 example_index: list[int] | None = None, row_offset: int = 0) -> Rollout: ...
 
     def sync_weights(self, student) -> None: ...
 
@@ -186,15 +197,15 @@ class HFRolloutEngine:
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, topk: int, seed: int, greedy: bool = False,
-                 example_index: list[int] | None = None) -> Rollout:
+                 example_index: list[int] | None = None, row_offset: int = 0) -> Rollout:
         rows = [p for p in prompts for _ in range(n)]
-        gen = torch.Generator().manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
         try:
             resp, mask, logp, topk_ids, trunc = sample(
                 self.model, rows, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                temperature=temperature, top_p=top_p, topk=topk, greedy=greedy, generator=gen,
+                temperature=temperature, top_p=top_p, topk=topk, greedy=greedy,
+                seeds=row_seeds(seed, row_offset, len(rows)),
                 vocab_size=self.vocab_size)
         finally:
             self.model.train(was_training)

@@ -23,6 +23,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sav
 from .config import ConfigError, DistillConfig, dump_yaml
 from .data import Example, PromptSampler, load_prompts, render_prompt
 from .diagnostics import step_diagnostics
+from .distributed import DistInfo, all_gather_objects, all_reduce_gradients, all_reduce_sum, barrier, \
+    init_from_env, pad_cat, shard_bounds
 from .evaluation import decode_responses, evaluate
 from .loss import check_teacher_supports, full_vocab_fn, teacher_candidate_logp, token_loss
 from .models import DTYPES, check_tokenizers, eos_token_ids, freeze, load_causal_lm, load_tokenizer, \
@@ -76,7 +78,7 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 def make_optimizer(params, optim_cfg, total_steps: int):
     params = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+    optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                                   weight_decay=optim_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(optim_cfg.schedule, optim_cfg.warmup_steps, total_steps))
@@ -104,8 +106,13 @@ class Distiller:
         self.cfg = cfg
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        self.dist: DistInfo = init_from_env()
+        if cfg.rollout.prompts_per_step % self.dist.world_size:
+            raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the "
+                              f"number of processes ({self.dist.world_size})")
         self.run_dir = Path(cfg.run.out_dir)
-        self.log_to_disk = log_to_disk
+        self.log_to_disk = log_to_disk  # the same on every rank; only rank 0 writes (self.writes)
+        self.writes = log_to_disk and self.dist.is_main
         self._load_models(student, teacher_model, tokenizer, teacher_tokenizer)
         self._load_data()
         self._build_engines()
@@ -123,7 +130,7 @@ class Distiller:
             s_path = resolve_model_path(cfg.student.path)
             tokenizer = load_tokenizer(s_path)
             student = load_causal_lm(s_path, cfg.student.param_dtype)
-        if teacher_model is None and cfg.teacher.engine == "hf" and not cfg.teacher.route:
+        if teacher_model is None and cfg.uses_teacher and cfg.teacher.engine == "hf" and not cfg.teacher.route:
             t_path = resolve_model_path(cfg.teacher.path)
             teacher_tokenizer = load_tokenizer(t_path)
             teacher_model = load_causal_lm(t_path, cfg.teacher.dtype)
@@ -187,20 +194,29 @@ class Distiller:
         cfg = self.cfg
         self.engine = build_rollout_engine(cfg, self.student, eos_ids=self.eos_ids, pad_id=self.pad_id,
                                            vocab_size=self.vocab_size, tokenizer=self.tokenizer)
-        self.teacher = build_teacher(cfg, self.teacher_model, vocab_size=self.vocab_size, pad_id=self.pad_id,
-                                     tokenizer=self.tokenizer)
-        check_teacher_supports(cfg.objective, self.teacher.capabilities, cfg.teacher.engine)
-        self.k = cfg.objective.k if cfg.objective.name != "sampled" or "topk" in self.teacher.capabilities else 0
+        self.teacher = None
+        self.k = 0
+        if cfg.uses_teacher:
+            self.teacher = build_teacher(cfg, self.teacher_model, vocab_size=self.vocab_size, pad_id=self.pad_id,
+                                         tokenizer=self.tokenizer)
+            check_teacher_supports(cfg.objective, self.teacher.capabilities, cfg.teacher.engine)
+            # Top-k ids are gathered for every objective the engine allows: the diagnostics need them.
+            self.k = cfg.objective.k if "topk" in self.teacher.capabilities else 0
 
     # -- one step ------------------------------------------------------------------------------------
 
     def rollout(self, indices: list[int], seed: int) -> Rollout:
+        """Sample this rank's block of the step's prompts (all of them in a single process)."""
         c = self.cfg.rollout
-        return self.engine.generate([self.train_set[i].prompt_ids for i in indices], n=c.n,
+        start, end = shard_bounds(len(indices), self.dist)
+        local = indices[start:end]
+        return self.engine.generate([self.train_set[i].prompt_ids for i in local], n=c.n,
                                     temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
-                                    topk=self.k, seed=seed, example_index=indices)
+                                    topk=self.k, seed=seed, example_index=local, row_offset=start * c.n)
 
-    def score(self, rollout: Rollout) -> TeacherScores:
+    def score(self, rollout: Rollout) -> TeacherScores | None:
+        if self.teacher is None:
+            return None
         prompts = [self.teacher_prompts[id(self.train_set[i])] for i in rollout.example_index]
         return self.teacher.score(prompts, rollout.response_ids, rollout.response_mask, k=self.k,
                                   student_topk_ids=rollout.topk_ids if "at_ids" in self.teacher.capabilities else None,
@@ -213,14 +229,15 @@ class Distiller:
             return None
         return torch.tensor([score_response(t, a) or 0.0 for t, a in zip(texts, answers)])
 
-    def update(self, rollout: Rollout, scores: TeacherScores, rewards: torch.Tensor | None
+    def update(self, rollout: Rollout, scores: TeacherScores | None, rewards: torch.Tensor | None
                ) -> tuple[float, StepBatch]:
         """Micro-batched forward/backward over the rollout; returns the step loss and detached step tensors."""
         o = self.cfg.objective
         mask = rollout.response_mask
-        num_tokens, num_seqs = float(mask.sum()), float(mask.shape[0])
+        num_tokens = all_reduce_sum(float(mask.sum()), self.dist)
+        num_seqs = all_reduce_sum(float(mask.shape[0]), self.dist)
         at_ids = valid = None
-        if self.k:
+        if self.k and scores is not None:
             at_ids = torch.cat([rollout.topk_ids, scores.topk_ids], -1) if scores.topk_ids is not None \
                 else rollout.topk_ids
             if scores.topk_ids is not None:
@@ -228,19 +245,21 @@ class Distiller:
         seq_adv = None
         if o.outcome_weight and rewards is not None:
             seq_adv = obj.group_advantages(rewards, rollout.group_size)
-        full_fn = full_vocab_fn(o)
+        full_fn = full_vocab_fn(o) if scores is not None else None
         total = 0.0
         logp_sampled, logp_at, entropy = [], [], []
         mb = self.cfg.optim.micro_batch_size
         for start in range(0, len(rollout), mb):
             rows = torch.arange(start, min(start + mb, len(rollout)))
-            sub, sub_scores = rollout.select(rows.tolist()), scores.select(rows)
+            sub = rollout.select(rows.tolist())
+            sub_scores = None if scores is None else scores.select(rows)
             out = student_forward(
                 self.student, sub.prompt_ids, sub.response_ids, sub.response_mask, pad_id=self.pad_id,
                 vocab_size=self.vocab_size, at_ids=None if at_ids is None else at_ids[rows],
                 chunk_size=o.chunk_size, temperature=self.cfg.rollout.temperature,
                 compute_dtype=DTYPES[self.cfg.student.compute_dtype], full_fn=full_fn,
-                teacher_hidden=sub_scores.hidden, teacher_head=getattr(self.teacher, "head_logits", None))
+                teacher_hidden=None if sub_scores is None else sub_scores.hidden,
+                teacher_head=getattr(self.teacher, "head_logits", None))
             per_token = token_loss(o, out, sub_scores, None if valid is None else valid[rows],
                                    None if seq_adv is None else seq_adv[rows])
             loss = obj.aggregate(per_token, sub.response_mask.to(per_token.device), o.aggregation,
@@ -250,9 +269,10 @@ class Distiller:
             logp_sampled.append(out.logp_sampled.detach().cpu())
             logp_at.append(None if out.logp_at is None else out.logp_at.detach().cpu())
             entropy.append(out.entropy.cpu())
+        all_reduce_gradients([p for p in self.student.parameters() if p.requires_grad], self.dist)
         batch = StepBatch(rollout, scores, torch.cat(logp_sampled),
                           None if logp_at[0] is None else torch.cat(logp_at), torch.cat(entropy), rewards)
-        return total, batch
+        return all_reduce_sum(total, self.dist), batch
 
     def optimizer_step(self, loss: float) -> dict:
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -284,29 +304,55 @@ class Distiller:
             loss, batch = self.update(rollout, scores, rewards)
             optim_metrics = self.optimizer_step(loss)
         batch.texts = texts
-        metrics = {"opd/loss": loss, **self.core_metrics(batch), **optim_metrics,
-                   **step_diagnostics(batch, k=self.k, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                      span=self.cfg.diagnostics.position_span or None),
+        batch = self.gather(batch)
+        diagnostics = {} if scores is None else step_diagnostics(
+            batch, k=self.k, max_new_tokens=self.cfg.rollout.max_new_tokens,
+            span=self.cfg.diagnostics.position_span or None)
+        metrics = {"opd/loss": loss, **self.core_metrics(batch), **optim_metrics, **diagnostics,
                    **{f"time/{k}": v for k, v in timer.seconds.items()}}
         metrics["time/step"] = sum(timer.seconds.values())
         return metrics, batch
+
+    def gather(self, batch: StepBatch) -> StepBatch:
+        """The whole step's batch on every rank (metrics then equal a single process's), without hidden states."""
+        if not self.dist.enabled:
+            return batch
+        if batch.scores is not None:
+            batch.scores.hidden = None
+        parts: list[StepBatch] = all_gather_objects(batch, self.dist)
+        ro = [p.rollout for p in parts]
+        rollout = Rollout(sum((r.prompt_ids for r in ro), []), pad_cat([r.response_ids for r in ro], self.pad_id),
+                          pad_cat([r.response_mask for r in ro], False), pad_cat([r.sampling_logp for r in ro]),
+                          pad_cat([r.topk_ids for r in ro]), torch.cat([r.truncated for r in ro]),
+                          sum((r.example_index for r in ro), []), ro[0].group_size)
+        scores = None
+        if parts[0].scores is not None:
+            fields = TeacherScores.__dataclass_fields__
+            scores = TeacherScores(**{f: pad_cat([getattr(p.scores, f) for p in parts]) for f in fields
+                                      if f != "hidden"})
+        rewards = None if parts[0].rewards is None else torch.cat([p.rewards for p in parts])
+        return StepBatch(rollout, scores, pad_cat([p.student_logp_sampled for p in parts]),
+                         pad_cat([p.student_logp_at for p in parts]), pad_cat([p.student_entropy for p in parts]),
+                         rewards, sum((p.texts for p in parts), []))
 
     def core_metrics(self, b: StepBatch) -> dict:
         mask = b.rollout.response_mask
         n = mask.sum().clamp(min=1)
         lengths = mask.sum(-1).float()
-        kl_token = (b.student_logp_sampled - b.scores.sampled_logp) * mask
-        out = {
+        out = {"opd/student_logp": float((b.student_logp_sampled * mask).sum() / n),
+               "diag/entropy_student": float((b.student_entropy * mask).sum() / n)}
+        if b.scores is not None:
+            kl_token = (b.student_logp_sampled - b.scores.sampled_logp) * mask
             # k1 estimate of the per-token reverse KL on the student's own samples (unbiased for any objective)
-            "opd/reverse_kl": float(kl_token.sum() / n),
-            "opd/teacher_logp": float((b.scores.sampled_logp * mask).sum() / n),
-            "opd/student_logp": float((b.student_logp_sampled * mask).sum() / n),
+            out["opd/reverse_kl"] = float(kl_token.sum() / n)
+            out["opd/teacher_logp"] = float((b.scores.sampled_logp * mask).sum() / n)
+        out.update({
             "rollout/len_mean": float(lengths.mean()),
             "rollout/len_max": float(lengths.max()),
             "rollout/eos_frac": float((~b.rollout.truncated).float().mean()),
             "rollout/truncated_frac": float(b.rollout.truncated.float().mean()),
             "rollout/tokens": float(mask.sum()),
-        }
+        })
         if b.rewards is not None:
             out["rollout/accuracy"] = float(b.rewards.mean())
         return out
@@ -316,28 +362,44 @@ class Distiller:
         for i in range(min(count, len(batch.rollout))):
             m = batch.rollout.response_mask[i]
             ex = self.train_set[batch.rollout.example_index[i]]
-            kl = (batch.student_logp_sampled[i] - batch.scores.sampled_logp[i])[m]
-            rows.append({"prompt": ex.messages[-1]["content"], "response": batch.texts[i],
-                         "tokens": self.tokenizer.convert_ids_to_tokens(batch.rollout.response_ids[i][m].tolist()),
-                         "token_reverse_kl": [round(float(x), 4) for x in kl],
-                         "answer": ex.answer, "reward": None if batch.rewards is None else float(batch.rewards[i])})
+            row = {"prompt": ex.messages[-1]["content"], "response": batch.texts[i],
+                   "tokens": self.tokenizer.convert_ids_to_tokens(batch.rollout.response_ids[i][m].tolist()),
+                   "answer": ex.answer, "reward": None if batch.rewards is None else float(batch.rewards[i])}
+            if batch.scores is not None:
+                kl = (batch.student_logp_sampled[i] - batch.scores.sampled_logp[i])[m]
+                row["token_reverse_kl"] = [round(float(x), 4) for x in kl]
+            rows.append(row)
         return rows
 
     # -- evaluation, checkpoints, the loop -------------------------------------------------------------
 
     def evaluate(self) -> tuple[dict, list[dict]]:
-        if not self.eval_set:
-            return {}, []
-        if "hidden" not in self.teacher.capabilities:
-            console.print("[yellow]eval: the teacher engine cannot return hidden states; exact reverse KL skipped[/]")
-            return {}, []
+        """Held-out evaluation on rank 0 (the other ranks wait)."""
+        result: tuple[dict, list[dict]] = ({}, [])
+        if self.dist.is_main and self.eval_set:
+            result = self._evaluate()
+        barrier(self.dist)
+        return result
+
+    def _evaluate(self) -> tuple[dict, list[dict]]:
+        teacher = self.teacher
+        if teacher is not None and "hidden" not in teacher.capabilities:
+            console.print("[yellow]eval: the teacher engine cannot return hidden states; only accuracy is reported[/]")
+            teacher = None
         e = self.cfg.eval
-        return evaluate(student=self.student, engine=self.engine, teacher=self.teacher, tokenizer=self.tokenizer,
+        return evaluate(student=self.student, engine=self.engine, teacher=teacher, tokenizer=self.tokenizer,
                         examples=self.eval_set, teacher_prompts=[self.teacher_prompts[id(x)] for x in self.eval_set],
                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, pad_id=self.pad_id,
                         vocab_size=self.vocab_size, chunk_size=self.cfg.objective.chunk_size)
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Path | None:
+        path = None
+        if self.writes:
+            path = self._save(step)
+        barrier(self.dist)
+        return path
+
+    def _save(self, step: int) -> Path:
         return save_checkpoint(self.run_dir, step, model=self.student, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler,
                                sampler_state=self.sampler.state_dict(), extra={"bad_steps": self.bad_steps},
@@ -351,7 +413,8 @@ class Distiller:
         self.sampler.load_state_dict(state["sampler"])
         self.bad_steps = state["extra"].get("bad_steps", 0)
         self.engine.sync_weights(self.student)
-        console.print(f"resumed from {path} (step {state['step']})")
+        if self.dist.is_main:
+            console.print(f"resumed from {path} (step {state['step']})")
         return int(state["step"])
 
     def _after_step(self, step: int, metrics: dict, batch: StepBatch, tracker: Tracker, view: StepView,
@@ -387,17 +450,18 @@ class Distiller:
             raise ConfigError(f"{self.run_dir} already holds a run ({existing.name}); pass run.resume=true to "
                               f"continue it, or choose another run.out_dir")
         start = self.restore() if cfg.run.resume else 0
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if self.writes:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         tracker = Tracker(self.run_dir, tensorboard=cfg.run.tensorboard, resume_step=start if cfg.run.resume else None,
-                          enabled=self.log_to_disk)
+                          enabled=self.writes)
         summary: dict = {"steps": cfg.run.steps, "skipped_long_prompts": self.skipped_long}
         before: dict = {}
         if start == 0 and cfg.eval.prompts:
             before, before_samples = self.evaluate()
             tracker.log(0, before)
             summary["eval_before"], summary["samples_before"] = before, before_samples[:4]
-        view = StepView(cfg.run.steps, start, enabled=cfg.run.progress)
+        view = StepView(cfg.run.steps, start, enabled=cfg.run.progress and self.dist.is_main)
         step_times: dict[str, list[float]] = {}
         self.completed = step = start
         try:
@@ -425,23 +489,31 @@ class Distiller:
             tracker.log(cfg.run.steps, after)
             summary["eval_after"], summary["samples_after"] = after, after_samples[:4]
         tracker.close()
-        if self.log_to_disk:
+        if self.writes:
             save_model(self.student, self.tokenizer, self.run_dir / "final_model")
+        barrier(self.dist)
         wall = time.perf_counter() - wall_start
         summary.update({
             "wall_seconds": wall,
             "seconds_per_step": statistics.median(step_times["time/step"]) if step_times else None,
             "phase_seconds_median": {k.split("/")[1]: statistics.median(v) for k, v in step_times.items()},
         })
-        if before and after:
+        if "eval/reverse_kl" in before and "eval/reverse_kl" in after:
             summary["reverse_kl_before"] = before["eval/reverse_kl"]
             summary["reverse_kl_after"] = after["eval/reverse_kl"]
-            if "eval/accuracy" in before:
-                summary["accuracy_before"], summary["accuracy_after"] = before["eval/accuracy"], after["eval/accuracy"]
+        if "eval/accuracy" in before and "eval/accuracy" in after:
+            summary["accuracy_before"], summary["accuracy_after"] = before["eval/accuracy"], after["eval/accuracy"]
         return summary
 
 
+def is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_distill(cfg: DistillConfig, **kwargs) -> dict:
-    console.print("[bold]resolved config[/]")
-    console.print(dump_yaml(cfg), highlight=False)
+    if is_main_process():
+        console.print("[bold]resolved config[/]")
+        console.print(dump_yaml(cfg), highlight=False)
     return Distiller(cfg, **kwargs).run()

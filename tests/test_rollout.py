@@ -47,9 +47,9 @@ def test_sampling_logp_topk_and_determinism(tokenizer):
     model = tiny_llama(len(tokenizer), seed=4).eval()
     prompts = [[1, 40, 41], [1, 50, 51, 52]]
     a = sample(model, prompts, max_new_tokens=5, eos_ids=[2], pad_id=2, temperature=0.8, topk=3,
-               generator=torch.Generator().manual_seed(7))
+               seeds=[7, 8])
     b = sample(model, prompts, max_new_tokens=5, eos_ids=[2], pad_id=2, temperature=0.8, topk=3,
-               generator=torch.Generator().manual_seed(7))
+               seeds=[7, 8])
     assert torch.equal(a[0], b[0])
     resp, mask, logp, topk, _ = a
     ids, attn = left_pad(prompts, 2)
@@ -72,7 +72,7 @@ def test_sampled_first_tokens_follow_the_model_distribution(tokenizer):
     prompt = [1, 40, 41]
     n = 3000
     resp, *_ = sample(model, [prompt] * n, max_new_tokens=1, eos_ids=[2], pad_id=2,
-                      generator=torch.Generator().manual_seed(0))
+                      seeds=list(range(n)))
     probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
     freq = torch.bincount(resp[:, 0], minlength=len(probs)).float() / n
     top = probs.topk(3).indices

@@ -21,7 +21,7 @@ def batch(pair):
     student, _, V = pair
     prompts = [[1, 10, 11, 12, 13], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35]]
     resp, mask, _, topk, _ = sample(student, prompts, max_new_tokens=9, eos_ids=[2], pad_id=2, topk=5,
-                                    generator=torch.Generator().manual_seed(0))
+                                    seeds=[0, 1, 2])
     mask[1, 4:] = False  # a response that ended early
     return prompts, resp, mask, topk
 
