@@ -84,24 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="as a markdown table (the README's config reference)")
     p.set_defaults(func=_cmd_config)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    for module in command_modules():
+        module.add_commands(sub)
     return parser
 
 
-# Other modules add their subcommands here (name -> registration function), keeping this file small.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+# Modules that add subcommands with an ``add_commands(subparsers)`` function (keeps this file small).
+COMMAND_MODULES = ["opdkit.probe", "opdkit.report", "opdkit.recipes.cli", "opdkit.bench", "opdkit.study"]
 
 
-def _load_extra_commands() -> None:
+def command_modules() -> list:
     import importlib
 
-    for module in ("opdkit.probe", "opdkit.report", "opdkit.recipes.cli", "opdkit.bench.cli", "opdkit.study.cli"):
+    modules = []
+    for name in COMMAND_MODULES:
         try:
-            importlib.import_module(module).register_cli(EXTRA_COMMANDS)
-        except ModuleNotFoundError as e:
-            if e.name != module and not module.startswith(str(e.name)):
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:  # a command package not written yet
+            if not name.startswith(e.name or "?"):
                 raise
+    return modules
 
 
 def quiet_libraries() -> None:
@@ -121,7 +123,6 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    _load_extra_commands()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
