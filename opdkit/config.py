@@ -44,6 +44,9 @@ class StudentConfig:
         "autocast dtype of the training forward (bfloat16 is ~2x faster on CPUs with AVX512-BF16)", default="bfloat16")
     sampling_dtype: Literal["float32", "bfloat16"] = _help(
         "dtype of the sampling copy of the student, re-synced after every optimizer step", default="bfloat16")
+    head_dtype: Literal["float32", "bfloat16"] = _help(
+        "dtype of the student's vocabulary projection in training (log-softmax is always float32)",
+        default="float32")
     gradient_checkpointing: bool = _help("recompute decoder activations in backward to save memory", default=False)
     lora_rank: int = _help("train LoRA adapters of this rank (PEFT) instead of all weights; 0 = full training",
                            default=0)
@@ -110,6 +113,7 @@ class RolloutConfig:
     top_p: float = _help("nucleus sampling threshold", default=1.0)
     max_new_tokens: int = _help("maximum response length; longer responses are truncated and counted",
                                 default=64)
+    min_new_tokens: int = _help("EOS is suppressed before this many tokens (fixed-length benchmarks)", default=0)
     vllm_gpu_memory_utilization: float = _help("vLLM: fraction of GPU memory (GPU only)", default=0.3)
     vllm_enforce_eager: bool = _help("vLLM: skip graph capture/compilation (starts in seconds on CPU)", default=True)
 
@@ -280,6 +284,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

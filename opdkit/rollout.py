@@ -94,7 +94,7 @@ def model_vocab_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Te
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int], pad_id: int,
            temperature: float = 1.0, top_p: float = 1.0, topk: int = 0, greedy: bool = False,
-           seeds: list[int] | None = None, vocab_size: int | None = None
+           seeds: list[int] | None = None, vocab_size: int | None = None, min_new_tokens: int = 0
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Batched sampling with a KV cache.
 
@@ -124,8 +124,10 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     tokens, logps, tops = [], [], []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         logits = model_vocab_logits(out.logits[:, -1].float(), vocab_size)
+        if t < min_new_tokens:
+            logits[:, eos] = float("-inf")
         if topk:
             tops.append(logits.topk(min(topk, logits.shape[-1]), dim=-1).indices)
         if greedy:
@@ -163,7 +165,7 @@ def row_seeds(seed: int, offset: int, count: int) -> list[int]:
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, topk: int, seed: int, greedy: bool = False,
-                 example_index: list[int] | None = None, row_offset: int = 0) -> Rollout: ...
+                 example_index: list[int] | None = None, row_offset: int = 0, min_new_tokens: int = 0) -> Rollout: ...
 
     def sync_weights(self, student) -> None: ...
 
@@ -197,7 +199,7 @@ class HFRolloutEngine:
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, topk: int, seed: int, greedy: bool = False,
-                 example_index: list[int] | None = None, row_offset: int = 0) -> Rollout:
+                 example_index: list[int] | None = None, row_offset: int = 0, min_new_tokens: int = 0) -> Rollout:
         rows = [p for p in prompts for _ in range(n)]
         was_training = self.model.training
         self.model.eval()
@@ -205,7 +207,7 @@ class HFRolloutEngine:
             resp, mask, logp, topk_ids, trunc = sample(
                 self.model, rows, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id,
                 temperature=temperature, top_p=top_p, topk=topk, greedy=greedy,
-                seeds=row_seeds(seed, row_offset, len(rows)),
+                seeds=row_seeds(seed, row_offset, len(rows)), min_new_tokens=min_new_tokens,
                 vocab_size=self.vocab_size)
         finally:
             self.model.train(was_training)

@@ -212,7 +212,8 @@ class Distiller:
         local = indices[start:end]
         return self.engine.generate([self.train_set[i].prompt_ids for i in local], n=c.n,
                                     temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
-                                    topk=self.k, seed=seed, example_index=local, row_offset=start * c.n)
+                                    topk=self.k, seed=seed, example_index=local, row_offset=start * c.n,
+                                    min_new_tokens=c.min_new_tokens)
 
     def score(self, rollout: Rollout) -> TeacherScores | None:
         if self.teacher is None:
@@ -257,7 +258,8 @@ class Distiller:
                 self.student, sub.prompt_ids, sub.response_ids, sub.response_mask, pad_id=self.pad_id,
                 vocab_size=self.vocab_size, at_ids=None if at_ids is None else at_ids[rows],
                 chunk_size=o.chunk_size, temperature=self.cfg.rollout.temperature,
-                compute_dtype=DTYPES[self.cfg.student.compute_dtype], full_fn=full_fn,
+                compute_dtype=DTYPES[self.cfg.student.compute_dtype], head_dtype=DTYPES[self.cfg.student.head_dtype],
+                full_fn=full_fn,
                 teacher_hidden=None if sub_scores is None else sub_scores.hidden,
                 teacher_head=getattr(self.teacher, "head_logits", None))
             per_token = token_loss(o, out, sub_scores, None if valid is None else valid[rows],

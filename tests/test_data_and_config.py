@@ -96,6 +96,7 @@ def test_yaml_and_overrides_merge(tmp_path):
     cfg = load_config(DistillConfig, path, BASE + ["objective.k=4", "data.chat_template_kwargs={enable_thinking: false}"])
     assert cfg.objective.k == 4 and cfg.objective.strategy == "union" and cfg.run.steps == 3
     assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
+    assert load_config(DistillConfig, None, BASE + ["optim.lr=1e-5"]).optim.lr == 1e-5  # YAML reads 1e-5 as text
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -93,3 +93,25 @@ def test_engine_n_samples_per_prompt_and_bf16_copy_sync(tokenizer):
     engine.sync_weights(student)
     for (name, p), q in zip(student.named_parameters(), engine.model.parameters()):
         torch.testing.assert_close(p.to(torch.bfloat16), q, msg=name)
+
+
+@torch.no_grad()
+def test_row_samples_do_not_depend_on_batch_composition(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=7).eval()
+    alone = sample(model, [[1, 40, 41]], max_new_tokens=6, eos_ids=[2], pad_id=2, seeds=[11])[0]
+    batched = sample(model, [[1, 50, 51, 52, 53], [1, 40, 41]], max_new_tokens=6, eos_ids=[2], pad_id=2,
+                     seeds=[5, 11])[0]
+    assert torch.equal(batched[1, :alone.shape[1]], alone[0])
+
+
+@torch.no_grad()
+def test_min_new_tokens_suppresses_eos(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=8).eval()
+    with torch.no_grad():
+        model.lm_head.weight[2].fill_(0.5)  # make EOS (id 2) the likeliest token everywhere
+        model.model.norm.weight.fill_(5.0)
+    early = sample(model, [[1, 40]] * 4, max_new_tokens=6, eos_ids=[2], pad_id=2, seeds=[0, 1, 2, 3])
+    forced = sample(model, [[1, 40]] * 4, max_new_tokens=6, eos_ids=[2], pad_id=2, seeds=[0, 1, 2, 3],
+                    min_new_tokens=6)
+    assert early[1].sum() < 24  # EOS ends rows early without the floor
+    assert forced[1].all() and forced[4].all()  # all 6 tokens generated, no EOS: truncated

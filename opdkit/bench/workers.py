@@ -1,0 +1,135 @@
+"""One benchmark run per process: opdkit's OPD step or TRL's ``DistillationTrainer`` on identical work.
+
+Each worker loads the models, runs ``warmup`` + ``steps`` optimizer steps on the same prompts with the same
+batch, generation length and reverse-KL objective, and returns per-step wall times, the phase split, tokens
+and the process's peak RSS. Generation is fixed-length (EOS suppressed until ``new_tokens``) on both sides so
+both do exactly the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class BenchSettings:
+    student: str = ""
+    teacher: str = ""
+    prompts: str = ""
+    batch: int = 8
+    new_tokens: int = 64
+    steps: int = 4
+    warmup: int = 1
+    lr: float = 5e-5
+    objective: str = "reverse_kl"      # opdkit objective.name
+    k: int = 16
+    trl_bf16: bool = False
+    threads: int = 0
+    extra: list = field(default_factory=list)  # extra opdkit key=value overrides
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def run_opdkit(s: BenchSettings) -> dict:
+    from ..config import DistillConfig, load_config
+    from ..train import Distiller
+
+    overrides = [f"student.path={s.student}", f"teacher.path={s.teacher}", f"data.train={s.prompts}",
+                 "eval.prompts=0", f"rollout.prompts_per_step={s.batch}", f"rollout.max_new_tokens={s.new_tokens}",
+                 f"rollout.min_new_tokens={s.new_tokens}", f"objective.name={s.objective}", f"objective.k={s.k}",
+                 f"optim.lr={s.lr}", f"optim.micro_batch_size={s.batch}", "run.out_dir=/tmp/opdkit-bench-unused",
+                 "data.shuffle=false", *s.extra]
+    cfg = load_config(DistillConfig, None, overrides)
+    d = Distiller(cfg, log_to_disk=False)
+    steps, phases, tokens = [], [], []
+    for step in range(1, s.warmup + s.steps + 1):
+        metrics, _ = d.opd_step(step)
+        if step > s.warmup:
+            steps.append(metrics["time/step"])
+            phases.append({k.split("/")[1]: metrics[f"time/{k.split('/')[1]}"] for k in
+                           ("time/rollout", "time/teacher", "time/train")})
+            tokens.append(metrics["rollout/tokens"])
+    return {"side": "opdkit", "step_seconds": steps, "phases": phases, "tokens": tokens, "peak_rss_gb": peak_rss_gb(),
+            "dtype_policy": f"student fp32 master + {cfg.student.compute_dtype} autocast, {cfg.student.sampling_dtype} "
+                            f"sampling copy; teacher {cfg.teacher.dtype} with {cfg.teacher.head_dtype} head; "
+                            f"student head {cfg.student.head_dtype}"}
+
+
+def run_trl(s: BenchSettings) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from ..data import read_rows
+
+    rows = read_rows(s.prompts)
+    prompts = [{"prompt": r["messages"] if "messages" in r else [{"role": "user", "content": r["prompt"]}]}
+               for r in rows]
+    tok = AutoTokenizer.from_pretrained(s.student, padding_side="left")
+    student = AutoModelForCausalLM.from_pretrained(s.student, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(s.teacher, dtype=torch.float32)
+    args = DistillationConfig(
+        output_dir="/tmp/opdkit-bench-trl", per_device_train_batch_size=s.batch, gradient_accumulation_steps=1,
+        max_steps=s.warmup + s.steps, learning_rate=s.lr, beta=1.0, temperature=1.0,
+        max_completion_length=s.new_tokens, generation_kwargs={"min_new_tokens": s.new_tokens},
+        use_cpu=True, bf16=s.trl_bf16, gradient_checkpointing=False, logging_steps=1, report_to=[],
+        save_strategy="no", shuffle_dataset=False, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=Dataset.from_list(prompts), processing_class=tok)
+    timings = {"rollout": 0.0, "teacher": 0.0}
+
+    def timed(name, fn, predicate=lambda *a, **k: True):
+        def wrapper(*a, **k):
+            if not predicate(*a, **k):
+                return fn(*a, **k)
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                timings[name] += time.perf_counter() - start
+        return wrapper
+
+    trainer._generate = timed("rollout", trainer._generate)
+    trainer._get_last_hidden_state = timed("teacher", trainer._get_last_hidden_state,
+                                           lambda model, *a, **k: model is trainer.teacher_model)
+    records: list[dict] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            timings.update(rollout=0.0, teacher=0.0)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            total = time.perf_counter() - self.start
+            records.append({"step": total, "rollout": timings["rollout"], "teacher": timings["teacher"],
+                            "train": total - timings["rollout"] - timings["teacher"]})
+
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    measured = records[s.warmup:]
+    return {"side": "trl", "step_seconds": [r["step"] for r in measured],
+            "phases": [{k: r[k] for k in ("rollout", "teacher", "train")} for r in measured],
+            "tokens": [s.batch * s.new_tokens] * len(measured), "peak_rss_gb": peak_rss_gb(),
+            "dtype_policy": "student and teacher fp32" + (", bf16 autocast (bf16=True)" if s.trl_bf16 else "")}
+
+
+WORKERS = {"opdkit": run_opdkit, "trl": run_trl}
+
+
+def worker_main(side: str, settings_json: str, out: str) -> None:
+    """Entry point of one benchmark subprocess (``opdkit bench --worker``)."""
+    import torch
+
+    s = BenchSettings(**json.loads(settings_json))
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    result = WORKERS[side](s)
+    result["settings"] = asdict(s)
+    Path(out).write_text(json.dumps(result))
