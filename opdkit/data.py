@@ -39,6 +39,12 @@ class Example:
     source: str = ""
     reference: str | None = None  # assistant turn of a chat row, if any
     extra: dict = field(default_factory=dict)
+    teacher_prompt_ids: list[int] | None = None  # set when the teacher renders prompts with its own template
+
+    @property
+    def teacher_ids(self) -> list[int]:
+        """The prompt as the teacher reads it."""
+        return self.prompt_ids if self.teacher_prompt_ids is None else self.teacher_prompt_ids
 
 
 def read_rows(path: str | Path) -> list[dict]:

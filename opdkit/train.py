@@ -113,6 +113,10 @@ class Distiller:
             raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the "
                               f"number of processes ({self.dist.world_size})")
         self.run_dir = Path(cfg.run.out_dir)
+        existing = latest_checkpoint(self.run_dir)
+        if existing is not None and not cfg.run.resume and log_to_disk:
+            raise ConfigError(f"{self.run_dir} already holds a run ({existing.name}); pass run.resume=true to "
+                              f"continue it, or choose another run.out_dir")
         self.log_to_disk = log_to_disk  # the same on every rank; only rank 0 writes (self.writes)
         self.writes = log_to_disk and self.dist.is_main
         self._load_models(student, teacher_model, tokenizer, teacher_tokenizer)
@@ -121,7 +125,6 @@ class Distiller:
         self.optimizer, self.scheduler = make_optimizer(self.student.parameters(), cfg.optim, cfg.run.steps)
         self.sampler = PromptSampler(len(self.train_set), cfg.rollout.prompts_per_step, cfg.run.seed,
                                      cfg.data.shuffle)
-        self.step = 0
         self.bad_steps = 0
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -182,13 +185,10 @@ class Distiller:
             eval_examples = []
         self.train_set: list[Example] = examples
         self.eval_set: list[Example] = eval_examples
-        self.teacher_prompts = {id(ex): self._teacher_prompt(ex) for ex in examples + eval_examples}
-
-    def _teacher_prompt(self, ex: Example) -> list[int]:
         t = self.cfg.teacher
-        if t.chat_template == "student":
-            return ex.prompt_ids
-        return render_prompt(self.teacher_tokenizer, ex.messages, t.chat_template_kwargs)
+        if t.chat_template == "own":
+            for ex in examples + eval_examples:
+                ex.teacher_prompt_ids = render_prompt(self.teacher_tokenizer, ex.messages, t.chat_template_kwargs)
 
     def _build_engines(self) -> None:
         from .engines import build_rollout_engine, build_teacher
@@ -220,7 +220,7 @@ class Distiller:
     def score(self, rollout: Rollout) -> TeacherScores | None:
         if self.teacher is None:
             return None
-        prompts = [self.teacher_prompts[id(self.train_set[i])] for i in rollout.example_index]
+        prompts = [self.train_set[i].teacher_ids for i in rollout.example_index]
         return self.teacher.score(prompts, rollout.response_ids, rollout.response_mask, k=self.k,
                                   student_topk_ids=rollout.topk_ids if "at_ids" in self.teacher.capabilities else None,
                                   keep_hidden=full_vocab_fn(self.cfg.objective) is not None,
@@ -392,7 +392,7 @@ class Distiller:
             teacher = None
         e = self.cfg.eval
         return evaluate(student=self.student, engine=self.engine, teacher=teacher, tokenizer=self.tokenizer,
-                        examples=self.eval_set, teacher_prompts=[self.teacher_prompts[id(x)] for x in self.eval_set],
+                        examples=self.eval_set, teacher_prompts=[x.teacher_ids for x in self.eval_set],
                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, pad_id=self.pad_id,
                         vocab_size=self.vocab_size, chunk_size=self.cfg.objective.chunk_size)
 
@@ -449,10 +449,6 @@ class Distiller:
     def run(self) -> dict:
         cfg = self.cfg
         wall_start = time.perf_counter()
-        existing = latest_checkpoint(self.run_dir)
-        if existing is not None and not cfg.run.resume:
-            raise ConfigError(f"{self.run_dir} already holds a run ({existing.name}); pass run.resume=true to "
-                              f"continue it, or choose another run.out_dir")
         start = self.restore() if cfg.run.resume else 0
         if self.writes:
             self.run_dir.mkdir(parents=True, exist_ok=True)

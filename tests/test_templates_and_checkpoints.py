@@ -40,16 +40,16 @@ def test_teacher_scores_with_its_own_template_on_the_same_response_tokens(templa
             for mode in ("student", "own")}
     d_student, d_own = Distiller(cfgs["student"]), Distiller(cfgs["own"])
     ex = d_own.train_set[0]
-    own_text = d_own.teacher_tokenizer.decode(d_own.teacher_prompts[id(ex)])
+    own_text = d_own.teacher_tokenizer.decode(ex.teacher_ids)
     assert own_text.startswith("### user: ") and own_text.endswith("### assistant: ")
-    assert d_student.tokenizer.decode(d_student.teacher_prompts[id(d_student.train_set[0])]).startswith("<|im_start|>")
+    assert d_student.tokenizer.decode(d_student.train_set[0].teacher_ids).startswith("<|im_start|>")
     # Same rollout, scored under both renderings: response positions align, values differ only through context.
     rollout = d_own.rollout([0, 1], seed=3)
     own, stud = d_own.score(rollout), d_student.score(rollout)
     assert own.sampled_logp.shape == stud.sampled_logp.shape == rollout.response_ids.shape
     assert not torch.allclose(own.sampled_logp[rollout.response_mask], stud.sampled_logp[rollout.response_mask])
     # Scoring directly with the teacher on its own prompt + the response equals the engine's result.
-    prompt = d_own.teacher_prompts[id(d_own.train_set[0])]
+    prompt = d_own.train_set[0].teacher_ids
     resp = rollout.response_ids[0][rollout.response_mask[0]]
     with torch.no_grad():
         logits = d_own.teacher_model(input_ids=torch.tensor([prompt + resp.tolist()])).logits[0].float()

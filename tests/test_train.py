@@ -111,7 +111,7 @@ def test_existing_run_is_never_overwritten(sharp_dirs, prompts, tmp_path):
     from opdkit.config import ConfigError
 
     with pytest.raises(ConfigError, match="already holds a run"):
-        make(sharp_dirs, prompts, tmp_path / "r", **{"run.steps": 2}).run()
+        make(sharp_dirs, prompts, tmp_path / "r", **{"run.steps": 2})
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(sharp_dirs, prompts, tmp_path, monkeypatch):
