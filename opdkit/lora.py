@@ -14,8 +14,11 @@ from pathlib import Path
 import torch
 
 
-def apply_lora(model, student_cfg):
-    """Wrap ``model`` with LoRA adapters of rank ``student.lora_rank`` on ``student.lora_target_modules``."""
+def apply_lora(model, student_cfg, seed: int = 0):
+    """Wrap ``model`` with LoRA adapters of rank ``student.lora_rank`` on ``student.lora_target_modules``.
+
+    The adapters' random initialisation is seeded (``run.seed``), so every run and every rank starts alike.
+    """
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -28,7 +31,9 @@ def apply_lora(model, student_cfg):
     config = LoraConfig(r=student_cfg.lora_rank, lora_alpha=student_cfg.lora_alpha,
                         target_modules=list(student_cfg.lora_target_modules), lora_dropout=0.0, bias="none",
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def _lora_layers(peft_model):

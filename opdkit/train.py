@@ -140,7 +140,7 @@ class Distiller:
         if cfg.student.lora_rank:
             from .lora import apply_lora
 
-            student = apply_lora(student, cfg.student)
+            student = apply_lora(student, cfg.student, seed=cfg.run.seed)
         if cfg.student.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.train()

@@ -152,9 +152,10 @@ class VLLMRolloutEngine:
         # Sampling is restricted to the ids shared with the teacher, as in the HF engine.
         self.allowed = list(range(vocab_size)) if vocab_size < model_vocab_size(student) else None
         self.logprobs_mode = "processed_logprobs" if r.top_p >= 1.0 else "raw_logprobs"
-        self.probe_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        max_len = max_model_len(cfg, self.path)
+        self.probe_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:min(64, max_len - 1)]
         self.llm = build_llm(self.path, dtype=cfg.student.sampling_dtype,
-                             max_len=max_model_len(cfg, self.path), enforce_eager=r.vllm_enforce_eager,
+                             max_len=max_len, enforce_eager=r.vllm_enforce_eager,
                              gpu_memory_utilization=r.vllm_gpu_memory_utilization, kv_cache_gib=r.vllm_kv_cache_gib,
                              seed=cfg.run.seed, logprobs_mode=self.logprobs_mode, max_logprobs=cfg.objective.k)
         self.last_sync: dict = {}
