@@ -301,9 +301,14 @@ class Distiller:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        out = {"optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": 0.0 if finite else 1.0}
         if finite:
             self.engine.sync_weights(self.student)
-        return {"optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": 0.0 if finite else 1.0}
+            sync = getattr(self.engine, "last_sync", None)  # engines that check their weight sync report it
+            if sync:
+                out["time/weight_sync"] = sync["push_seconds"] + sync["check_seconds"]
+                out["rollout/sync_probe_diff"] = sync["probe_mean_abs_diff"]
+        return out
 
     def opd_step(self, step: int) -> tuple[dict, StepBatch]:
         timer = PhaseTimer()

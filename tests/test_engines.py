@@ -309,3 +309,24 @@ def test_a_row_without_a_teacher_is_refused_before_training(routed_dirs, tmp_pat
     with pytest.raises(ValueError, match=r"prompts.jsonl row 0 has data_source='chat', which has no teacher: "
                                          r"teacher.route has teachers for 'math'"):
         Distiller(cfg)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("scale-out.yaml", ["teacher.url=http://teacher-host:8000/v1"]),
+    ("multi-teacher.yaml", ["teacher.route.code.url=http://10.0.0.7:8000/v1"]),
+])
+def test_example_configs_load(name, overrides):
+    from pathlib import Path
+
+    import opdkit
+
+    path = Path(opdkit.__file__).parent / "configs" / name
+    cfg = load_config(DistillConfig, path, ["student.path=/models/s", "data.train=d.parquet", *overrides])
+    if cfg.teacher.route:
+        from opdkit.engines.routing import route_teacher_configs
+
+        routes = route_teacher_configs(cfg)
+        assert routes["code"].url == "http://10.0.0.7:8000/v1" and routes["code"].engine == "server"
+        assert routes["math"].path == "/models/math-teacher" and routes["math"].engine == "hf"
+    else:
+        assert cfg.teacher.engine == "server" and cfg.rollout.engine == "vllm"

@@ -53,7 +53,10 @@ class ServerTeacher:
     capabilities = frozenset({"sampled", "topk"})
 
     def __init__(self, teacher_cfg, *, tokenizer, vocab_size: int, name: str = "teacher", session=None):
-        import requests
+        try:
+            import requests
+        except ImportError:
+            raise RuntimeError("teacher.engine=server needs requests: pip install 'opdkit[server]'") from None
 
         t = teacher_cfg
         check_served_temperature(t.temperature, "server")
