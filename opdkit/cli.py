@@ -138,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # user-facing errors with clear messages; tracebacks with -v
         from .data import DatasetError
         from .models import ModelNotFoundError, TokenizerMismatchError
+        from .engines.logprobs import EngineError
         from .train import TrainingDiverged
 
-        if isinstance(e, (DatasetError, ModelNotFoundError, TokenizerMismatchError, TrainingDiverged, ValueError)) \
+        if isinstance(e, (DatasetError, ModelNotFoundError, TokenizerMismatchError, TrainingDiverged, ValueError,
+                          EngineError)) \
                 and not args.verbose:
             print(f"opdkit {args.command}: error: {e}", file=sys.stderr)
             return 1

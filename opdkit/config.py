@@ -80,6 +80,12 @@ class TeacherConfig:
     route: dict = _help("several teachers: {value of data.route_column: teacher path}", default_factory=dict)
     timeout: float = _help("seconds per request to a served teacher", default=120.0)
     max_retries: int = _help("retries with exponential backoff for a served teacher", default=4)
+    request_batch_size: int = _help("served teacher: sequences per HTTP request", default=8)
+    concurrency: int = _help("served teacher: requests in flight at once", default=4)
+    vllm_gpu_memory_utilization: float = _help("in-process vLLM teacher: fraction of GPU memory (GPU only)",
+                                               default=0.3)
+    vllm_kv_cache_gib: int = _help("in-process vLLM teacher on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)",
+                                   default=2)
 
 
 @dataclass
@@ -116,6 +122,11 @@ class RolloutConfig:
     min_new_tokens: int = _help("EOS is suppressed before this many tokens (fixed-length benchmarks)", default=0)
     vllm_gpu_memory_utilization: float = _help("vLLM: fraction of GPU memory (GPU only)", default=0.3)
     vllm_enforce_eager: bool = _help("vLLM: skip graph capture/compilation (starts in seconds on CPU)", default=True)
+    vllm_kv_cache_gib: int = _help("vLLM on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)", default=2)
+    vllm_sync_tolerance: float = _help(
+        "vLLM: largest mean abs log-prob difference between vLLM and the student on a probe text after a weight "
+        "sync; catches a wrong or missing load (nats), not bf16 rounding (0.05-0.09 on the demo student)",
+        default=0.5)
 
 
 @dataclass
@@ -232,6 +243,31 @@ class DistillConfig:
                               "another weighting")
         if len(self.optim.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers, got {self.optim.betas}")
+        self._validate_engines()
+
+    def _validate_engines(self) -> None:
+        _positive(self, ["teacher.request_batch_size", "teacher.concurrency", "teacher.timeout",
+                         "rollout.vllm_kv_cache_gib", "teacher.vllm_kv_cache_gib"])
+        _nonnegative(self, ["teacher.max_retries", "rollout.vllm_sync_tolerance"])
+        if self.teacher.route:
+            from .engines.routing import route_teacher_configs
+
+            teachers = list(route_teacher_configs(self).values())  # raises ConfigError on a bad entry
+            if self.teacher.chat_template != "student":
+                raise ConfigError("teacher.route needs teacher.chat_template=student (routed teachers read the "
+                                  "student's rendered prompt)")
+            source = self.data.columns.get("source")
+            if source is not None and source != self.data.route_column:
+                raise ConfigError(f"data.columns.source={source!r} and data.route_column={self.data.route_column!r} "
+                                  f"name different columns; set one of them")
+        else:
+            teachers = [self.teacher] if self.uses_teacher else []
+        for t in teachers:
+            if t.engine in ("vllm", "server") and t.temperature != 1.0:
+                raise ConfigError(
+                    f"teacher.temperature={t.temperature} with teacher.engine={t.engine}: the engine returns "
+                    f"log-probs of the untempered teacher for its top-k ids only, which cannot be re-normalised at "
+                    f"another temperature; use teacher.temperature=1.0 or teacher.engine=hf")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -165,6 +165,10 @@ def step_diagnostics(batch, *, k: int, max_new_tokens: int | None = None,
                  and scores.logp_at_student_topk is not None and batch.student_logp_at is not None
                  and scores.entropy is not None)
     if not have_topk:
+        if k and rollout.topk_ids is not None and scores.topk_ids is not None:
+            # A served teacher returns its top-k but no log-probs at the student's ids: Eq. 6 needs only the ids.
+            ratio = overlap_ratio(overlap_membership(rollout.topk_ids, scores.topk_ids), k)
+            out["diag/overlap_ratio"] = masked_mean(ratio, mask)
         return out
     per_pos = per_position_diagnostics(
         student_ids=rollout.topk_ids, teacher_ids=scores.topk_ids, student_logp_S=batch.student_logp_at[..., :k],

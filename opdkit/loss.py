@@ -28,14 +28,41 @@ REQUIREMENTS: dict[str, Callable[[ObjectiveConfig], set[str]]] = {
 }
 
 
+CAPABILITY_WORDS = {
+    "sampled": "log-prob of the sampled token",
+    "topk": "top-k ids and log-probs",
+    "at_ids": "log-probs at the student's top-k ids",
+    "entropy": "entropy",
+    "hidden": "hidden states (its full-vocabulary distribution)",
+}
+
+
+def available_objectives(capabilities: frozenset[str]) -> list[str]:
+    """Objectives (and, for topk, candidate strategies) that a teacher with these capabilities supports."""
+    import typing
+
+    strategies = typing.get_args(typing.get_type_hints(ObjectiveConfig)["strategy"])
+    out = []
+    for name, req in REQUIREMENTS.items():
+        ok = [s for s in strategies if req(ObjectiveConfig(name=name, strategy=s)) <= set(capabilities)]
+        if len(ok) == len(strategies):
+            out.append(name)
+        elif ok:
+            out.append(f"{name} with objective.strategy={'/'.join(ok)}")
+    return out
+
+
 def check_teacher_supports(cfg: ObjectiveConfig, capabilities: frozenset[str], engine: str) -> None:
+    """Refuse, before training, an objective that needs more than the teacher engine can return."""
     missing = REQUIREMENTS[cfg.name](cfg) - set(capabilities)
     if missing:
-        available = [name for name, req in REQUIREMENTS.items() if req(cfg) <= set(capabilities)]
+        where = f"teacher.engine={engine}" if engine in ("hf", "vllm", "server") else engine
+        what = "topk with objective.strategy=" + cfg.strategy if cfg.name == "topk" else cfg.name
         raise ValueError(
-            f"objective.name={cfg.name} (strategy {cfg.strategy}) needs teacher {', '.join(sorted(missing))}, "
-            f"which teacher.engine={engine} cannot provide. Available with this engine: {', '.join(available)}"
-            + (" (top-k only with objective.strategy=teacher)" if "at_ids" not in capabilities else ""))
+            f"objective.name={what} needs the teacher's {' and '.join(CAPABILITY_WORDS[m] for m in sorted(missing))}, "
+            f"which {where} cannot provide (it returns: "
+            f"{', '.join(CAPABILITY_WORDS[c] for c in sorted(capabilities))}). "
+            f"Available with {where}: {', '.join(available_objectives(capabilities))}")
 
 
 def teacher_candidate_logp(scores: TeacherScores) -> torch.Tensor | None:

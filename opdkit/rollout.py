@@ -180,11 +180,14 @@ class HFRolloutEngine:
     def __init__(self, student, *, eos_ids: list[int], pad_id: int, sampling_dtype: torch.dtype,
                  vocab_size: int | None = None):
         self.eos_ids, self.pad_id, self.vocab_size = eos_ids, pad_id, vocab_size
-        base = _unwrap_peft(student)
-        if sampling_dtype == next(base.parameters()).dtype and base is student:
+        if hasattr(student, "get_base_model"):
+            # LoRA: sample with a plain model holding the merged weights (names match merged_state_dict)
+            self.model = copy.deepcopy(student).merge_and_unload().to(sampling_dtype)
+            self.model.requires_grad_(False)
+        elif sampling_dtype == next(student.parameters()).dtype:
             self.model = student  # same dtype, no adapters: sample with the trained module itself
         else:
-            self.model = copy.deepcopy(base).to(sampling_dtype)
+            self.model = copy.deepcopy(student).to(sampling_dtype)
             self.model.requires_grad_(False)
         self.sync_weights(student)
 

@@ -161,4 +161,5 @@ class HFTeacher:
             hidden=hidden.detach().cpu() if keep_hidden else None)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden.to(self.device))
+        """Teacher logits on the caller's device (the teacher may live on another one: ``teacher.device``)."""
+        return self.head(hidden.to(self.device)).to(hidden.device)

@@ -145,7 +145,7 @@ class Distiller:
         if cfg.student.lora_rank:
             from .lora import apply_lora
 
-            student = apply_lora(student, cfg.student)
+            student = apply_lora(student, cfg.student, seed=cfg.run.seed)
         if cfg.student.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.train()
@@ -157,6 +157,12 @@ class Distiller:
             self.vocab = check_tokenizers(tokenizer, self.teacher_tokenizer, model_vocab_size(student),
                                           model_vocab_size(teacher_model), cfg.student.path, cfg.teacher.path)
             self.vocab_size = self.vocab.shared_vocab_size
+        elif cfg.uses_teacher:  # vLLM, served or routed teachers: checked without loading them here
+            from .engines import shared_vocab_size
+
+            self.vocab_size = shared_vocab_size(cfg, tokenizer, model_vocab_size(student))
+            if cfg.teacher.engine == "vllm" and not cfg.teacher.route and teacher_tokenizer is None:
+                self.teacher_tokenizer = load_tokenizer(resolve_model_path(cfg.teacher.path))
         else:
             self.vocab_size = model_vocab_size(student)
         self.eos_ids = eos_token_ids(tokenizer, student)
@@ -164,7 +170,10 @@ class Distiller:
 
     def _render_kwargs(self) -> dict:
         d = self.cfg.data
-        return dict(columns=d.columns, prompt_suffix=d.prompt_suffix, system_prompt=d.system_prompt,
+        columns = d.columns
+        if self.cfg.teacher.route and "source" not in columns:
+            columns = {**columns, "source": d.route_column}
+        return dict(columns=columns, prompt_suffix=d.prompt_suffix, system_prompt=d.system_prompt,
                     chat_template_kwargs=d.chat_template_kwargs, max_prompt_length=d.max_prompt_length,
                     long_prompts=d.long_prompts)
 
@@ -200,8 +209,13 @@ class Distiller:
         self.k = 0
         if cfg.uses_teacher:
             self.teacher = build_teacher(cfg, self.teacher_model, vocab_size=self.vocab_size, pad_id=self.pad_id,
-                                         tokenizer=self.tokenizer)
-            check_teacher_supports(cfg.objective, self.teacher.capabilities, cfg.teacher.engine)
+                                         tokenizer=self.tokenizer, student_vocab=model_vocab_size(self.student))
+            if hasattr(self.teacher, "check_sources"):  # routed teachers: every row must have one, before step 1
+                for name, examples in ((cfg.data.train, self.train_set), (cfg.data.eval or cfg.data.train,
+                                                                           self.eval_set)):
+                    self.teacher.check_sources([ex.source for ex in examples], [ex.index for ex in examples], name)
+            check_teacher_supports(cfg.objective, self.teacher.capabilities,
+                                   "teacher.route" if cfg.teacher.route else cfg.teacher.engine)
             # Top-k ids are gathered for every objective the engine allows: the diagnostics need them.
             self.k = cfg.objective.k if "topk" in self.teacher.capabilities else 0
 
@@ -291,9 +305,14 @@ class Distiller:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        out = {"optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": 0.0 if finite else 1.0}
         if finite:
             self.engine.sync_weights(self.student)
-        return {"optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": 0.0 if finite else 1.0}
+            sync = getattr(self.engine, "last_sync", None)  # engines that check their weight sync report it
+            if sync:
+                out["time/weight_sync"] = sync["push_seconds"] + sync["check_seconds"]
+                out["rollout/sync_probe_diff"] = sync["probe_mean_abs_diff"]
+        return out
 
     def opd_step(self, step: int) -> tuple[dict, StepBatch]:
         timer = PhaseTimer()
@@ -350,6 +369,9 @@ class Distiller:
             # k1 estimate of the per-token reverse KL on the student's own samples (unbiased for any objective)
             out["opd/reverse_kl"] = float(kl_token.sum() / n)
             out["opd/teacher_logp"] = float((b.scores.sampled_logp * mask).sum() / n)
+            if hasattr(self.teacher, "metrics"):  # per-teacher token share and reverse KL
+                sources = [self.train_set[i].source for i in b.rollout.example_index]
+                out.update(self.teacher.metrics(sources, mask, b.student_logp_sampled, b.scores.sampled_logp))
         out.update({
             "rollout/len_mean": float(lengths.mean()),
             "rollout/len_max": float(lengths.max()),

@@ -55,10 +55,53 @@ def build_rollout_engine(cfg, student, **kwargs):
     return ROLLOUT_ENGINES[cfg.rollout.engine](cfg, student, **kwargs)
 
 
+def load_hf_teacher(cfg, tokenizer, student_vocab: int, name: str = "teacher"):
+    """A local HF teacher (frozen, on ``teacher.device``), checked against the student's tokenizer."""
+    from ..models import check_tokenizers, freeze, load_causal_lm, load_tokenizer, model_vocab_size, \
+        resolve_model_path
+
+    path = resolve_model_path(cfg.teacher.path)
+    model = load_causal_lm(path, cfg.teacher.dtype)
+    freeze(model)
+    model.to(cfg.teacher.device)
+    check_tokenizers(tokenizer, load_tokenizer(path), student_vocab, model_vocab_size(model), cfg.student.path,
+                     f"{name} ({cfg.teacher.path})")
+    return model
+
+
+def shared_vocab_size(cfg, tokenizer, student_vocab: int) -> int:
+    """Ids shared by the student and every teacher that is not loaded in this process as an HF model (vLLM
+    teachers and routed teachers: read from their config and tokenizer; a served teacher is checked against
+    the student's tokenizer when it connects and shares the student's ids)."""
+    from ..models import check_tokenizers, load_tokenizer, resolve_model_path
+
+    teachers = [cfg.teacher]
+    if cfg.teacher.route:
+        from .routing import route_teacher_configs
+
+        teachers = list(route_teacher_configs(cfg).values())
+    size = student_vocab
+    for t in teachers:
+        if t.engine == "server":
+            continue
+        path = resolve_model_path(t.path)
+        from transformers import AutoConfig
+
+        check = check_tokenizers(tokenizer, load_tokenizer(path), student_vocab,
+                                 int(AutoConfig.from_pretrained(path).vocab_size), cfg.student.path, str(t.path))
+        size = min(size, check.shared_vocab_size)
+    return size
+
+
 def build_teacher(cfg, model, **kwargs):
     if cfg.teacher.route:
         from .routing import RoutedTeacher
 
-        return RoutedTeacher(cfg, build_one=lambda sub_cfg, sub_model: TEACHER_ENGINES[sub_cfg.teacher.engine](
-            sub_cfg, sub_model, **kwargs))
+        student_vocab = kwargs.pop("student_vocab", kwargs["vocab_size"])
+        return RoutedTeacher(
+            cfg, build_one=lambda sub_cfg, sub_model: TEACHER_ENGINES[sub_cfg.teacher.engine](
+                sub_cfg, sub_model, **kwargs),
+            load_model=lambda sub_cfg, value: load_hf_teacher(sub_cfg, kwargs["tokenizer"], student_vocab,
+                                                              f"teacher for {value!r}"))
+    kwargs.pop("student_vocab", None)
     return TEACHER_ENGINES[cfg.teacher.engine](cfg, model, **kwargs)
