@@ -165,16 +165,17 @@ class VLLMRolloutEngine:
     # -- sampling ---------------------------------------------------------------------------------------
 
     def _params(self, *, temperature: float, top_p: float, max_new_tokens: int, topk: int, seed: int | None,
-                greedy: bool):
+                greedy: bool, min_new_tokens: int = 0):
         from vllm import SamplingParams
 
         return SamplingParams(n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                              max_tokens=max_new_tokens, logprobs=topk, seed=None if greedy else seed,
+                              max_tokens=max_new_tokens, min_tokens=min_new_tokens, logprobs=topk,
+                              seed=None if greedy else seed,
                               stop_token_ids=list(self.eos_ids), detokenize=False, allowed_token_ids=self.allowed)
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, topk: int, seed: int, greedy: bool = False,
-                 example_index: list[int] | None = None, row_offset: int = 0) -> Rollout:
+                 example_index: list[int] | None = None, row_offset: int = 0, min_new_tokens: int = 0) -> Rollout:
         from vllm.inputs import TokensPrompt
 
         if not greedy and top_p < 1.0 and self.logprobs_mode == "processed_logprobs":
@@ -183,7 +184,7 @@ class VLLMRolloutEngine:
         rows = [p for p in prompts for _ in range(n)]
         seeds = row_seeds(seed, row_offset, len(rows))
         params = [self._params(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, topk=topk,
-                               seed=s, greedy=greedy) for s in seeds]
+                               seed=s, greedy=greedy, min_new_tokens=min_new_tokens) for s in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in rows], params, use_tqdm=False)
         rows_out = [(out.outputs[0].token_ids, _records(out.outputs[0].logprobs)) for out in outputs]
         index = [i for i in (example_index or range(len(prompts))) for _ in range(n)]
