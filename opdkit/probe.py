@@ -51,16 +51,12 @@ from .tracking import console
 KL_LEVELS = (0.01, 0.1, 0.5, 1.0, 2.0, 5.0)
 PERCENTILES = (10, 25, 50, 75, 90, 99)
 
-# Verdicts from least to most serious; ``rank`` orders candidate teachers by their most serious issue first.
 # The top-level keys every probe result has (None where a quantity could not be measured).
 RESULT_KEYS = ("reverse_kl", "overlap_ratio", "overlap_token_advantage", "entropy_student", "entropy_teacher",
                "entropy_gap", "overlap_mass_student", "overlap_mass_teacher", "self_check_reverse_kl", "k", "verdict",
                "reasons")
+# Verdicts from least to most serious; ``rank`` orders candidate teachers by their most serious issue first.
 VERDICTS = ("distill", "align_template", "cold_start", "change_teacher", "fix_setup", "incompatible_tokenizer")
-
-
-class SelfCheckFailed(RuntimeError):
-    pass
 
 
 # --------------------------------------------------------------------------------------------------

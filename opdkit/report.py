@@ -78,7 +78,7 @@ def position_matrix(rows: list[dict], name: str) -> tuple[list[int], list[tuple[
 
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes-to-unicode map, used by byte-level BPE tokenizers (Llama 3, Qwen, SmolLM)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
