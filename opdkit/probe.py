@@ -803,7 +803,7 @@ def print_result(result: dict) -> None:
             if isinstance(r.get(key), (int, float)):
                 table.add_row(key, f"{r[key]:.4g}")
         for key, value in (r.get("accuracy") or {}).items():
-            table.add_row(f"accuracy/{key}", f"{value:.3g}")
+            table.add_row(f"accuracy/{key}", "n/a" if value is None else f"{value:.3g}")
         console.print(table)
         style = VERDICT_STYLE[r["verdict"]]
         console.print(f"verdict: [{style}]{r['verdict']}[/]")
