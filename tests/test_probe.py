@@ -334,3 +334,14 @@ def test_a_misaligned_template_makes_later_findings_provisional():
     out = decide(_numbers(template_alignment=_template("own", 0.5), overlap_ratio=0.3), ProbeThresholds())
     assert out["verdict"] == "align_template" and out["issues"] == ["align_template"]
     assert any(r.startswith("(with the misaligned template) initial top-16 overlap 0.30") for r in out["reasons"])
+
+
+def test_print_result_shows_undefined_numbers_as_na(capsys):
+    from opdkit.probe import print_result
+
+    r = _numbers(accuracy={"graded_prompts": 32, "student": 0.0, "teacher": 0.3, "new_capability_share": 0.3,
+                           "reward_auroc": None})  # AUROC is undefined when no student rollout is correct
+    r.update(decide(r, ProbeThresholds()), teacher="T", student="S", self_check_reverse_kl=0.0)
+    print_result(r)
+    err = capsys.readouterr().err
+    assert "accuracy/reward_auroc" in err and "n/a" in err and "verdict: distill" in err
