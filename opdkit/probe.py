@@ -69,7 +69,7 @@ class ProbeThresholds:
     """Decision thresholds; docs/probe-and-report.md explains how each comes from the paper's numbers."""
 
     self_check_kl: float = _help(
-        "max reverse KL (nats/token) of the teacher against itself; identical paths give ~1e-7", default=1e-3)
+        "max reverse KL (nats/token) of the teacher against itself; a correct setup gives 0 up to rounding", default=1e-3)
     min_overlap_ratio: float = _help(
         "initial top-k overlap below this = pattern mismatch (the paper's working pairs start at 0.70-0.76)",
         default=0.6)
@@ -80,6 +80,8 @@ class ProbeThresholds:
         "teacher log-prob of the student's end-of-turn token below this = EOS mismatch (log 1e-3)", default=-6.9)
     template_shift_share: float = _help(
         "template-only KL above this share of the initial reverse KL = the template matters", default=0.1)
+    template_accuracy_gain: float = _help(
+        "teacher accuracy gain of the other prompt rendering that calls for switching to it", default=0.1)
     think_gap: float = _help("difference in the share of rollouts with think tags that counts as a thinking-pattern "
                              "mismatch", default=0.5)
     min_new_capability: float = _help(
@@ -249,16 +251,20 @@ def decide(r: dict, th: ProbeThresholds) -> dict:
         shift, kl = ta["shift_reverse_kl"], r["reverse_kl"]
         share = shift / kl if kl else math.inf
         got, alt = ta["renderings"][ta["configured"]], ta["renderings"][ta["better"]]
+        gain = (alt["accuracy"] - got["accuracy"]) if alt["accuracy"] is not None else 0.0
         note = (f"the chat templates render the prompt differently; the template alone moves the teacher by "
                 f"{shift:.3f} nats/token ({share:.0%} of the initial reverse KL)")
-        if ta["better"] != ta["configured"] and share > th.template_shift_share:
-            template_fixes.append(
-                f"{note}, and the teacher does better reading the {ta['better']} rendering (accuracy "
-                f"{_fmt(alt['accuracy'])} vs {_fmt(got['accuracy'])}, finished {alt['ended']:.0%} vs "
-                f"{got['ended']:.0%}): use teacher.chat_template={ta['better']}")
+        if ta["better"] == ta["configured"]:
+            reasons.append(f"{note}; the teacher reads the {ta['configured']} rendering, which suits it best "
+                           f"(accuracy {_fmt(got['accuracy'])}, finished {got['ended']:.0%})")
         else:
-            reasons.append(f"{note}; the teacher reads the {ta['configured']} rendering, which suits it as well "
-                           f"or better")
+            where = (f"the teacher does better reading the {ta['better']} rendering (accuracy "
+                     f"{_fmt(alt['accuracy'])} vs {_fmt(got['accuracy'])}, finished {alt['ended']:.0%} vs "
+                     f"{got['ended']:.0%})")
+            if share > th.template_shift_share or gain >= th.template_accuracy_gain:
+                template_fixes.append(f"{note}, and {where}: use teacher.chat_template={ta['better']}")
+            else:
+                reasons.append(f"{note}; {where}, a difference too small to act on")
     else:
         reasons.append("both templates render the prompt identically")
     misaligned = bool(template_fixes)

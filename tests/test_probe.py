@@ -277,10 +277,10 @@ def _numbers(**over):
     return r
 
 
-def _template(better, shift):
+def _template(better, shift, own_accuracy=0.5):
     rendering = {"accuracy": 0.5, "ended": 1.0, "teacher_logp_own_tokens": -0.5}
     return {"configured": "student", "better": better, "shift_reverse_kl": shift,
-            "renderings": {"student": rendering, "own": rendering}}
+            "renderings": {"student": rendering, "own": {**rendering, "accuracy": own_accuracy}}}
 
 
 @pytest.mark.parametrize("numbers, verdict, phrase", [
@@ -289,7 +289,10 @@ def _template(better, shift):
     (_numbers(self_check={"passed": False, "reverse_kl": 0.4, "message": "SELF-CHECK FAILED"}), "fix_setup",
      "SELF-CHECK FAILED"),
     (_numbers(template_alignment=_template("own", 0.3)), "align_template", "teacher.chat_template=own"),
-    (_numbers(template_alignment=_template("own", 0.05)), "distill", "suits it"),  # 5% of the KL: immaterial
+    (_numbers(template_alignment=_template("own", 0.05)), "distill", "too small to act on"),  # 5% of the KL
+    (_numbers(template_alignment=_template("own", 0.05, own_accuracy=0.7)), "align_template",
+     "accuracy 0.70 vs 0.50"),  # a small shift, but the other rendering makes the teacher 20 points better
+    (_numbers(template_alignment=_template("student", 0.5)), "distill", "suits it best"),
     (_numbers(eos={"student_eos_is_teacher_eos": False, "student_eos_tokens": ["<|endoftext|>"],
                    "teacher_eos_tokens": ["<|im_end|>"], "teacher_logp_student_eos_at_teacher_end": -12.0}),
      "align_template", "ends turns with"),
