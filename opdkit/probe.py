@@ -1,0 +1,875 @@
+"""``opdkit probe``: will on-policy distillation from this teacher work for this student? Measured before training.
+
+The probe samples the student (and the teacher) on a few prompts and measures, at step 0, everything the
+paper (arXiv 2604.13016) found to decide the outcome of OPD:
+
+* the exact full-vocabulary reverse KL(p_t‖q_t) on the student's own tokens and its distribution (Eq. 2/4);
+* the token-level diagnostics of §4 on the same positions: top-k overlap ratio (Eq. 6), overlap-token
+  advantage (Eq. 7), entropies and their gap (Eq. 8), overlap masses (Eqs. 9-10), via ``opdkit.diagnostics``;
+* the teacher's mean log-prob of the student's tokens and of its own, and the student's of the teacher's;
+* tokenizer and chat-template compatibility, the teacher's log-prob of the student's end-of-turn token and
+  thinking-tag handling (``opdkit.compat``);
+* a self-check: the teacher scored against itself through the same code paths must give KL ≈ 0, which fails
+  on a shifted-by-one alignment or a teacher temperature that differs from the student's;
+* where the prompts have answers: student and teacher accuracy and the share of prompts the teacher solves
+  and the student does not (the paper's "new capability" condition, §3.2);
+* a verdict with reasons and the paper's recipe (``decide``), and a ranking of several candidate teachers.
+
+Every number can be recomputed from ``--dump-rollouts``: one JSON line per rollout with the token ids the
+models saw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from . import objectives as obj
+from .answers import score_response
+from .compat import compare_special_tokens, compare_templates, think_fraction, thinking_support
+from .config import ConfigError, _help, load_config
+from .data import Example, load_prompts, render_prompt
+from .diagnostics import (BINNED, auroc, masked_mean, overlap_membership, overlap_token_advantage_reference,
+                          per_position_diagnostics, position_bins, reduce_diagnostics, sequence_mean_reward)
+from .distributed import pad_cat
+from .models import (DTYPES, TokenizerMismatchError, check_tokenizers, eos_token_ids, freeze, load_causal_lm,
+                     load_tokenizer, model_vocab_size, resolve_model_path)
+from .rollout import HFRolloutEngine, Rollout, row_seeds, sample
+from .scoring import HFTeacher, TeacherScores
+from .student import student_forward
+from .tracking import console
+
+# Per-token reverse-KL levels (nats) whose exceedance fractions the probe reports.
+KL_LEVELS = (0.01, 0.1, 0.5, 1.0, 2.0, 5.0)
+PERCENTILES = (10, 25, 50, 75, 90, 99)
+
+# The top-level keys every probe result has (None where a quantity could not be measured).
+RESULT_KEYS = ("reverse_kl", "overlap_ratio", "overlap_token_advantage", "entropy_student", "entropy_teacher",
+               "entropy_gap", "overlap_mass_student", "overlap_mass_teacher", "self_check_reverse_kl", "k", "verdict",
+               "reasons")
+# Verdicts from least to most serious; ``rank`` orders candidate teachers by their most serious issue first.
+VERDICTS = ("distill", "align_template", "cold_start", "change_teacher", "fix_setup", "incompatible_tokenizer")
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeThresholds:
+    """Decision thresholds; docs/probe-and-report.md explains how each comes from the paper's numbers."""
+
+    self_check_kl: float = _help(
+        "max reverse KL (nats/token) of the teacher against itself; a correct setup gives 0 up to rounding", default=1e-3)
+    min_overlap_ratio: float = _help(
+        "initial top-k overlap below this = pattern mismatch (the paper's working pairs start at 0.70-0.76)",
+        default=0.6)
+    min_overlap_mass: float = _help(
+        "student or teacher mass on the shared top-k below this = support mismatch (paper: 0.97-0.99)",
+        default=0.9)
+    min_eos_logp: float = _help(
+        "teacher log-prob of the student's end-of-turn token below this = EOS mismatch (log 1e-3)", default=-6.9)
+    template_shift_share: float = _help(
+        "template-only KL above this share of the initial reverse KL = the template matters", default=0.1)
+    template_accuracy_gain: float = _help(
+        "teacher accuracy gain of the other prompt rendering that calls for switching to it", default=0.1)
+    think_gap: float = _help("difference in the share of rollouts with think tags that counts as a thinking-pattern "
+                             "mismatch", default=0.5)
+    min_new_capability: float = _help(
+        "share of prompts the teacher solves and the student does not, below which the teacher adds nothing",
+        default=0.1)
+    min_graded_prompts: int = _help("fewer prompts with answers than this: no capability verdict", default=8)
+
+
+@dataclass
+class ProbeConfig:
+    student: str = _help("student: HF model directory, .gguf file or bundled name", default="")
+    teacher: str = _help("teacher (HF model directory, .gguf file or bundled name)", default="")
+    teachers: list = _help("several candidate teachers to rank for the student", default_factory=list)
+    prompts: str = _help("prompt file (.jsonl/.parquet, the same schemas as distill's data.train)", default="")
+    n_prompts: int = _help("prompts sampled (seeded) from the file", default=32)
+    samples_per_prompt: int = _help("rollouts per prompt for each model", default=1)
+    max_new_tokens: int = _help("maximum response length", default=64)
+    temperature: float = _help("sampling temperature of both models, and the student's scoring temperature",
+                               default=1.0)
+    teacher_temperature: float = _help("teacher logits are divided by this when scoring (the paper: 1.0)",
+                                       default=1.0)
+    top_p: float = _help("nucleus sampling threshold", default=1.0)
+    k: int = _help("top-k size of the overlap diagnostics (the paper: 16)", default=16)
+    seed: int = _help("seed of the prompt sample and of sampling", default=0)
+    batch_size: int = _help("rows per sampling/scoring batch", default=16)
+    columns: dict = _help("map opdkit fields to dataset columns, e.g. {prompt: problem}", default_factory=dict)
+    prompt_suffix: str = _help("text appended to every user prompt", default="")
+    system_prompt: Optional[str] = _help("system message prepended to every conversation", default=None)
+    chat_template_kwargs: dict = _help("extra arguments for the student's chat template", default_factory=dict)
+    max_prompt_length: int = _help("prompts longer than this are skipped", default=1024)
+    teacher_chat_template: Literal["student", "own"] = _help(
+        "student: the teacher reads the student's rendered prompt; own: its own template (as distill's "
+        "teacher.chat_template)", default="student")
+    teacher_chat_template_kwargs: dict = _help("extra arguments for the teacher's chat template",
+                                               default_factory=dict)
+    student_dtype: Literal["float32", "bfloat16"] = _help("dtype of the student when scoring", default="float32")
+    sampling_dtype: Literal["float32", "bfloat16"] = _help("dtype of the student's sampling copy",
+                                                           default="bfloat16")
+    teacher_dtype: Literal["float32", "bfloat16"] = _help("dtype of the teacher weights", default="bfloat16")
+    chunk_size: int = _help("positions per chunk of the vocabulary projections", default=512)
+    json: str = _help("write the result JSON here (default: print it to stdout)", default="")
+    dump_rollouts: str = _help("write every rollout (token ids, per-token numbers) here as JSON lines",
+                               default="")
+    threads: Optional[int] = _help("torch CPU threads", default=None)
+    thresholds: ProbeThresholds = field(default_factory=ProbeThresholds)
+
+    @property
+    def teacher_list(self) -> list[str]:
+        return ([self.teacher] if self.teacher else []) + [str(t) for t in self.teachers]
+
+    def validate(self) -> None:
+        if not self.student:
+            raise ConfigError("student is required (--student or student=PATH)")
+        if not self.teacher_list:
+            raise ConfigError("give a teacher (--teacher T) or several (--teachers T1 T2 ...)")
+        if not self.prompts:
+            raise ConfigError("prompts is required (--prompts FILE.jsonl)")
+        for key in ("n_prompts", "samples_per_prompt", "max_new_tokens", "k", "batch_size", "chunk_size",
+                    "temperature", "teacher_temperature"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def distribution(values: torch.Tensor, levels: tuple[float, ...] = KL_LEVELS) -> dict:
+    """Mean, spread, percentiles, max and the share above each level of a 1-D sample (NaN-free)."""
+    v = values.double().flatten()
+    if v.numel() == 0:
+        return {"count": 0}
+    q = torch.quantile(v, torch.tensor([p / 100 for p in PERCENTILES], dtype=v.dtype))
+    return {"count": int(v.numel()), "mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
+            **{f"p{p}": float(x) for p, x in zip(PERCENTILES, q)}, "max": float(v.max()),
+            "frac_above": {str(level): float((v > level).double().mean()) for level in levels}}
+
+
+def per_prompt_solved(correct: list[float | None], example_index: list[int]) -> dict[int, bool]:
+    """pass@n per prompt: True if any of its graded rollouts is correct (prompts without answers left out)."""
+    solved: dict[int, bool] = {}
+    for c, i in zip(correct, example_index):
+        if c is not None:
+            solved[i] = solved.get(i, False) or c > 0.5
+    return solved
+
+
+def capability(student_correct: list, student_index: list[int], teacher_correct: list,
+               teacher_index: list[int]) -> dict | None:
+    """Accuracy of both models and the paper's "new capability" share (§3.2): prompts the teacher solves and
+    the student does not. None when no prompt has an answer."""
+    s, t = per_prompt_solved(student_correct, student_index), per_prompt_solved(teacher_correct, teacher_index)
+    graded = sorted(set(s) & set(t))
+    if not graded:
+        return None
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"graded_prompts": len(graded),
+            "student": mean([c for c in student_correct if c is not None]),
+            "teacher": mean([c for c in teacher_correct if c is not None]),
+            "new_capability_share": mean([float(t[i] and not s[i]) for i in graded]),
+            "student_only_share": mean([float(s[i] and not t[i]) for i in graded])}
+
+
+@dataclass
+class SelfCheck:
+    """The teacher against itself: ``reverse_kl`` must be ≈ 0 (exact, full vocabulary, nats/token)."""
+
+    reverse_kl: float
+    max_token_kl: float
+    sampled_logratio: float  # mean |log p(ŷ) − log q(ŷ)| on the sampled tokens
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return math.isfinite(self.reverse_kl) and self.reverse_kl <= self.tolerance
+
+    def message(self) -> str:
+        if self.passed:
+            return f"self-check passed: teacher vs itself reverse KL {self.reverse_kl:.2e} ≤ {self.tolerance:g}"
+        return (f"SELF-CHECK FAILED: the teacher scored against itself gives reverse KL {self.reverse_kl:.4f} "
+                f"nats/token (max {self.max_token_kl:.3f}, tolerance {self.tolerance:g}); it must be ≈ 0. The "
+                f"teacher's scores do not line up with the student's: check that teacher_temperature equals "
+                f"temperature, that responses are not shifted by one token against their prompts, and that the "
+                f"teacher reads the prompt the student saw. Every OPD signal from this setup would be wrong.")
+
+
+def decide(r: dict, th: ProbeThresholds) -> dict:
+    """The verdict, its reasons and the recommended recipe from one teacher's probe numbers (paper §3-§5).
+
+    Checks run from the most to the least fundamental: scoring setup, template and end-of-turn, thinking
+    pattern and support overlap, new capability. The verdict is the first that fires (what to do first);
+    ``issues`` lists all that fired, and the recipe every fix that applies, in order, ending with
+    distillation when it can follow.
+    """
+    reasons: list[str] = []
+    recipe: list[str] = []
+    fired: list[str] = []
+
+    if r.get("tokenizer_error"):
+        reasons.append(f"tokenizers are incompatible: {r['tokenizer_error']}")
+        return {"verdict": "incompatible_tokenizer", "issues": ["incompatible_tokenizer"], "reasons": reasons,
+                "recipe": ["pick a teacher that shares the student's tokenizer (same model family); OPD scores "
+                           "the student's token ids with the teacher"]}
+
+    sc = r["self_check"]
+    if not sc["passed"]:  # every other number shares the broken alignment: stop here
+        return {"verdict": "fix_setup", "issues": ["fix_setup"], "reasons": [sc["message"]],
+                "recipe": ["fix the scoring setup (teacher_temperature = temperature, prompt/response alignment) "
+                           "and probe again; nothing else here can be trusted until the self-check passes"]}
+    reasons.append(f"self-check passed (teacher vs itself: {sc['reverse_kl']:.1e} nats/token)")
+
+    # Template and end-of-turn: the teacher must read the conversation in a layout it knows (§5.2a).
+    eos = r["eos"]
+    template_fixes = []
+    if not eos["student_eos_is_teacher_eos"]:
+        template_fixes.append(f"the student ends turns with {eos['student_eos_tokens']} but the teacher with "
+                              f"{eos['teacher_eos_tokens']}")
+    eos_logp = eos.get("teacher_logp_student_eos_at_teacher_end")
+    if eos_logp is not None and eos_logp < th.min_eos_logp:
+        template_fixes.append(f"where the teacher ends its own turn it gives the student's end-of-turn token "
+                              f"log-prob {eos_logp:.1f} (< {th.min_eos_logp})")
+    ta = r.get("template_alignment")
+    if ta:
+        shift, kl = ta["shift_reverse_kl"], r["reverse_kl"]
+        share = shift / kl if kl else math.inf
+        got, alt = ta["renderings"][ta["configured"]], ta["renderings"][ta["better"]]
+        gain = (alt["accuracy"] - got["accuracy"]) if alt["accuracy"] is not None else 0.0
+        note = (f"the chat templates render the prompt differently; the template alone moves the teacher by "
+                f"{shift:.3f} nats/token ({share:.0%} of the initial reverse KL)")
+        if ta["better"] == ta["configured"]:
+            reasons.append(f"{note}; the teacher reads the {ta['configured']} rendering, which suits it best "
+                           f"(accuracy {_fmt(got['accuracy'])}, finished {got['ended']:.0%})")
+        else:
+            where = (f"the teacher does better reading the {ta['better']} rendering (accuracy "
+                     f"{_fmt(alt['accuracy'])} vs {_fmt(got['accuracy'])}, finished {alt['ended']:.0%} vs "
+                     f"{got['ended']:.0%})")
+            if share > th.template_shift_share or gain >= th.template_accuracy_gain:
+                template_fixes.append(f"{note}, and {where}: use teacher.chat_template={ta['better']}")
+            else:
+                reasons.append(f"{note}; {where}, a difference too small to act on")
+    else:
+        reasons.append("both templates render the prompt identically")
+    misaligned = bool(template_fixes)
+    if misaligned:
+        reasons += template_fixes
+        fired.append("align_template")
+        recipe.append("give the teacher its aligned template: the rendering it does better with (teacher."
+                      "chat_template), the student's end-of-turn token mapped to the teacher's, and prompts in the "
+                      "teacher's post-training format (paper §5.2a: the teacher-aligned template raised the "
+                      "initial overlap and the recovered gap from ~80% to ~85%)")
+
+    def fire(issue: str, why: list[str], step: str) -> None:
+        """Record a finding; with a misaligned template it is provisional (measured on the wrong layout)."""
+        if misaligned:
+            reasons.extend(f"(with the misaligned template) {w}" for w in why)
+            return
+        reasons.extend(why)
+        fired.append(issue)
+        recipe.append(step)
+
+    # Thinking pattern and support overlap (§3.1, §5.1): can the student's states be scored meaningfully?
+    # The overlap ratio counts every top-k slot alike; with peaked distributions most slots hold negligible
+    # probability and their order is noise, so a low ratio is a mismatch only if the shared set also misses
+    # the mass (the paper's complementary check, App. C.2).
+    pattern = []
+    masses = (f"the shared top-{r['k']} holds {r['overlap_mass_student']:.2f} of the student's and "
+              f"{r['overlap_mass_teacher']:.2f} of the teacher's mass")
+    mass_ok = min(r["overlap_mass_student"], r["overlap_mass_teacher"]) >= th.min_overlap_mass
+    ratio = f"initial top-{r['k']} overlap {r['overlap_ratio']:.2f}"
+    if r["overlap_ratio"] >= th.min_overlap_ratio:
+        reasons.append(f"{ratio} ≥ {th.min_overlap_ratio} (paper's working pairs: 0.70-0.76)")
+    elif mass_ok:
+        reasons.append(f"{ratio} < {th.min_overlap_ratio}, but {masses} (≥ {th.min_overlap_mass}): the models "
+                       f"disagree only on low-probability tokens")
+    else:
+        pattern.append(f"{ratio} < {th.min_overlap_ratio} (the paper's working pairs start at 0.70-0.76)")
+    if mass_ok:
+        reasons.append(f"{masses} (paper: 0.97-0.99)")
+    else:
+        pattern.append(f"{masses} (< {th.min_overlap_mass}; paper: 0.97-0.99)")
+    think = r["compatibility"]["thinking"]
+    gap = abs(think["teacher_rollouts_with_think"] - think["student_rollouts_with_think"])
+    if math.isfinite(gap) and gap >= th.think_gap:
+        pattern.append(f"thinking pattern differs: think tags in {think['student_rollouts_with_think']:.0%} of "
+                       f"student and {think['teacher_rollouts_with_think']:.0%} of teacher rollouts")
+    if pattern:
+        fire("cold_start", pattern, "off-policy cold start first: SFT the student on the teacher's own rollouts, "
+             "filtered to complete, non-repetitive (and correct) responses, then OPD from that checkpoint (paper "
+             "§5.1: the SFT student starts with higher overlap and ends higher)")
+
+    # New capability (§3.2): the teacher must know something the student does not.
+    acc = r.get("accuracy")
+    if acc and acc["graded_prompts"] >= th.min_graded_prompts:
+        share = acc["new_capability_share"]
+        summary = (f"teacher accuracy {acc['teacher']:.2f} vs student {acc['student']:.2f}; the teacher solves "
+                   f"{share:.0%} of {acc['graded_prompts']} prompts the student does not")
+        if share < th.min_new_capability:
+            fire("change_teacher", [summary + f" (< {th.min_new_capability:.0%}: no new capability to transfer)"],
+                 "choose another teacher with capability the student lacks (paper §3.2: an RL-post-trained "
+                 "teacher recovered 58.6% of the gap, a same-pipeline one 15.6%) or prompts the teacher solves "
+                 "and the student does not")
+        else:
+            reasons.append(summary)
+    elif acc:
+        reasons.append(f"only {acc['graded_prompts']} prompts have answers (< {th.min_graded_prompts}): "
+                       f"capability not judged")
+    else:
+        reasons.append("the prompts have no answers: the new-capability condition (§3.2) cannot be checked; "
+                       "watch held-out accuracy early in training")
+
+    if misaligned:
+        recipe.append("probe again with the aligned template: the overlap and capability numbers above were "
+                      "measured on the misaligned one")
+    elif "change_teacher" not in fired:
+        recipe.append("distil: opdkit distill with this teacher (paper defaults: top-k 16, student top-k set, "
+                      "temperature 1.0); watch diag/overlap_ratio rise and diag/entropy_gap shrink")
+    return {"verdict": fired[0] if fired else "distill", "issues": fired, "reasons": reasons, "recipe": recipe}
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def rank(results: list[dict]) -> list[dict]:
+    """Order candidate teachers: by their most serious issue (``VERDICTS`` order), then new-capability share
+    (the paper's strongest predictor, §3.2), then initial overlap (§3.1), then lower initial reverse KL."""
+    def key(r: dict):
+        acc = r.get("accuracy") or {}
+        worst = max((VERDICTS.index(i) for i in r.get("issues") or []), default=0)
+        return (worst, -(acc.get("new_capability_share") or 0.0),
+                -(r.get("overlap_ratio") or 0.0), r.get("reverse_kl") or math.inf)
+
+    ordered = sorted(results, key=key)
+    return [{"rank": i + 1, "teacher": r["teacher"], "verdict": r["verdict"],
+             "new_capability_share": (r.get("accuracy") or {}).get("new_capability_share"),
+             "overlap_ratio": r.get("overlap_ratio"), "reverse_kl": r.get("reverse_kl")}
+            for i, r in enumerate(ordered)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring a pair of models on one set of rollouts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairScores:
+    """Both models on the same response tokens, (B, T, ...), 0 where masked.
+
+    ``kl`` is the exact full-vocabulary KL(p_t‖q_t) of the model in the student role against the teacher.
+    """
+
+    student_logp: torch.Tensor
+    student_logp_at: torch.Tensor | None
+    student_entropy: torch.Tensor
+    kl: torch.Tensor
+    teacher: TeacherScores
+
+
+def score_pair(student_model, teacher, student_prompts: list[list[int]], teacher_prompts: list[list[int]],
+               response_ids: torch.Tensor, response_mask: torch.Tensor, *, pad_id: int, vocab_size: int,
+               temperature: float, k: int = 0, student_topk_ids: torch.Tensor | None = None,
+               teacher_at_ids: torch.Tensor | None = None, chunk_size: int = 512, batch_size: int = 16
+               ) -> PairScores:
+    """Score responses with a teacher engine and a model in the student role, in row batches.
+
+    The student side runs exactly as in training (``student_forward`` at ``temperature``, full-vocabulary
+    reverse KL against the teacher's logits recomputed from its hidden states); the teacher side is the
+    engine's own ``score``. ``teacher_at_ids`` (B, T, C) asks the teacher for log-probs at extra ids (default:
+    the student's top-k).
+    """
+    parts: dict[str, list] = {}
+    for start in range(0, len(student_prompts), batch_size):
+        rows = slice(start, start + batch_size)
+        resp, mask = response_ids[rows], response_mask[rows]
+        topk = None if student_topk_ids is None else student_topk_ids[rows]
+        at = topk if teacher_at_ids is None else teacher_at_ids[rows]
+        scores = teacher.score(teacher_prompts[rows], resp, mask, k=k, student_topk_ids=at, keep_hidden=True)
+        with torch.no_grad():
+            out = student_forward(student_model, student_prompts[rows], resp, mask, pad_id=pad_id,
+                                  vocab_size=vocab_size, at_ids=topk, chunk_size=chunk_size,
+                                  temperature=temperature, compute_dtype=None, head_dtype=torch.float32,
+                                  full_fn=obj.reverse_kl, teacher_hidden=scores.hidden,
+                                  teacher_head=teacher.head_logits)
+        scores.hidden = None
+        for name, value in (("student_logp", out.logp_sampled), ("student_logp_at", out.logp_at),
+                            ("student_entropy", out.entropy), ("kl", out.full_loss), ("teacher", scores)):
+            parts.setdefault(name, []).append(value)
+    teacher_fields = {f: pad_cat([getattr(s, f) for s in parts["teacher"]]) for f in TeacherScores.__dataclass_fields__
+                      if f != "hidden"}
+    return PairScores(pad_cat(parts["student_logp"]), pad_cat(parts["student_logp_at"]),
+                      pad_cat(parts["student_entropy"]), pad_cat(parts["kl"]), TeacherScores(**teacher_fields))
+
+
+def self_check(model, teacher, prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,
+               *, pad_id: int, vocab_size: int, temperature: float, tolerance: float, chunk_size: int = 512,
+               batch_size: int = 16) -> SelfCheck:
+    """Score ``model`` (the teacher's own weights in the student role, at the student's ``temperature``)
+    against the ``teacher`` engine on the same prompts: every path that lines the two up is exercised, and a
+    correct setup gives KL ≈ 0. A response shifted by one, or a teacher temperature other than the student's,
+    gives a clearly positive KL."""
+    pair = score_pair(model, teacher, prompts, prompts, response_ids, response_mask, pad_id=pad_id,
+                      vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size, batch_size=batch_size)
+    m = response_mask
+    logratio = (pair.student_logp - pair.teacher.sampled_logp).abs()
+    return SelfCheck(masked_mean(pair.kl, m), float(pair.kl[m].max()) if m.any() else float("nan"),
+                     masked_mean(logratio, m), tolerance)
+
+
+# --------------------------------------------------------------------------------------------------
+# The probe
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudentSide:
+    """The student, its prompts (rendered with its template) and its rollouts, shared by every teacher."""
+
+    cfg: ProbeConfig
+    path: str
+    tokenizer: object
+    model: object
+    sampler: object  # the sampling copy (``sampling_dtype``)
+    examples: list[Example]
+    eos_ids: list[int]
+    pad_id: int
+    vocab_size: int | None = None
+    rollout: Rollout | None = None
+    texts: list[str] = field(default_factory=list)
+    correct: list = field(default_factory=list)
+
+
+@dataclass
+class TeacherRun:
+    """The teacher's own rollouts on one rendering of the prompts, scored by both models."""
+
+    rendering: str  # "student" (the student's rendered prompt) or "own" (the teacher's template)
+    rollout: Rollout
+    texts: list[str]
+    correct: list
+    pair: PairScores  # student role = the student reading its own prompt; teacher = the engine
+
+    def summary(self, eos_ended: torch.Tensor) -> dict:
+        graded = [c for c in self.correct if c is not None]
+        m = self.rollout.response_mask
+        return {"accuracy": sum(graded) / len(graded) if graded else None,
+                "ended": float((~self.rollout.truncated).float().mean()),
+                "teacher_logp_own_tokens": masked_mean(self.pair.teacher.sampled_logp, m),
+                "len_mean": float(m.sum(-1).float().mean()),
+                "ended_with_student_eos": float(eos_ended.any(-1).float().mean())}
+
+
+def _sample_examples(cfg: ProbeConfig, tokenizer) -> list[Example]:
+    examples = load_prompts(cfg.prompts, tokenizer, columns=cfg.columns, prompt_suffix=cfg.prompt_suffix,
+                            system_prompt=cfg.system_prompt, chat_template_kwargs=cfg.chat_template_kwargs,
+                            max_prompt_length=cfg.max_prompt_length).examples
+    if len(examples) <= cfg.n_prompts:
+        return examples
+    chosen = sorted(random.Random(cfg.seed).sample(range(len(examples)), cfg.n_prompts))
+    return [examples[i] for i in chosen]
+
+
+def _generate(model, prompts: list[list[int]], cfg: ProbeConfig, *, eos_ids: list[int], pad_id: int, topk: int,
+              seed: int, vocab_size: int) -> Rollout:
+    """``samples_per_prompt`` responses per prompt, sampled in row batches (row seeds ignore the batching)."""
+    n = cfg.samples_per_prompt
+    rows = [p for p in prompts for _ in range(n)]
+    index = [i for i in range(len(prompts)) for _ in range(n)]
+    parts = []
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = rows[start:start + cfg.batch_size]
+        parts.append(sample(model, batch, max_new_tokens=cfg.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                            temperature=cfg.temperature, top_p=cfg.top_p, topk=topk,
+                            seeds=row_seeds(seed, start, len(batch)), vocab_size=vocab_size))
+    resp, mask, logp, top = (pad_cat([p[j] for p in parts]) for j in range(4))
+    return Rollout(rows, resp, mask, logp, top, torch.cat([p[4] for p in parts]), index, n)
+
+
+def _decode(tokenizer, rollout: Rollout, skip_special: bool = True) -> list[str]:
+    return [tokenizer.decode(r[m].tolist(), skip_special_tokens=skip_special)
+            for r, m in zip(rollout.response_ids, rollout.response_mask)]
+
+
+def _grade(texts: list[str], rollout: Rollout, examples: list[Example]) -> list:
+    return [score_response(text, examples[i].answer) for text, i in zip(texts, rollout.example_index)]
+
+
+def _ended_with(rollout: Rollout, eos_ids: list[int]) -> torch.Tensor:
+    """(B, T) True at the EOS token (one of ``eos_ids``) that ended a finished response."""
+    is_eos = torch.isin(rollout.response_ids, torch.tensor(eos_ids)) & rollout.response_mask
+    return is_eos & ~rollout.truncated[:, None]
+
+
+def _window(mask: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    w = torch.zeros_like(mask)
+    w[:, a:b] = True
+    return w
+
+
+def load_student(cfg: ProbeConfig) -> StudentSide:
+    path = resolve_model_path(cfg.student)
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, cfg.student_dtype)
+    freeze(model)
+    sampler = HFRolloutEngine(model, eos_ids=eos_token_ids(tokenizer, model), pad_id=tokenizer.pad_token_id,
+                              sampling_dtype=DTYPES[cfg.sampling_dtype]).model
+    sampler.eval()
+    return StudentSide(cfg, cfg.student, tokenizer, model, sampler, _sample_examples(cfg, tokenizer),
+                       eos_token_ids(tokenizer, model), tokenizer.pad_token_id)
+
+
+def sample_student(s: StudentSide, vocab_size: int) -> None:
+    """The student's rollouts with its top-k ids at every position, on the ids it shares with the teacher."""
+    if s.rollout is not None and s.vocab_size == vocab_size:
+        return
+    s.vocab_size = vocab_size
+    s.rollout = _generate(s.sampler, [ex.prompt_ids for ex in s.examples], s.cfg, eos_ids=s.eos_ids,
+                          pad_id=s.pad_id, topk=s.cfg.k, seed=s.cfg.seed, vocab_size=vocab_size)
+    s.texts = _decode(s.tokenizer, s.rollout)
+    s.correct = _grade(s.texts, s.rollout, s.examples)
+
+
+def student_rollout_metrics(s: StudentSide, teacher: HFTeacher, teacher_prompts: list[list[int]]
+                            ) -> tuple[dict, PairScores]:
+    """One OPD step's quantities at step 0: both models on the student's own rollouts (paper §2, §4)."""
+    cfg, ro = s.cfg, s.rollout
+    pair = score_pair(s.model, teacher, ro.prompt_ids, [teacher_prompts[i] for i in ro.example_index],
+                      ro.response_ids, ro.response_mask, pad_id=s.pad_id, vocab_size=s.vocab_size,
+                      temperature=cfg.temperature, k=cfg.k, student_topk_ids=ro.topk_ids,
+                      chunk_size=cfg.chunk_size, batch_size=cfg.batch_size)
+    mask = ro.response_mask
+    per_pos = per_position_diagnostics(
+        student_ids=ro.topk_ids, teacher_ids=pair.teacher.topk_ids, student_logp_S=pair.student_logp_at,
+        teacher_logp_S=pair.teacher.logp_at_student_topk, entropy_student=pair.student_entropy,
+        entropy_teacher=pair.teacher.entropy, student_logp_sampled=pair.student_logp,
+        teacher_logp_sampled=pair.teacher.sampled_logp, k=cfg.k)
+    sampled_estimate, _ = per_pos.pop("reverse_kl")
+    per_pos["reverse_kl"] = (pair.kl, None)  # the exact full-vocabulary KL replaces the one-sample estimate
+    out = reduce_diagnostics(per_pos, mask, prefix="")
+    in_both = overlap_membership(ro.topk_ids, pair.teacher.topk_ids)
+    ref = overlap_token_advantage_reference(pair.student_logp_at, pair.teacher.logp_at_student_topk, in_both)
+    out["overlap_token_advantage_ref"] = masked_mean(ref, in_both & mask.unsqueeze(-1))
+    seq_kl = (pair.kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    out.update({
+        "reverse_kl_distribution": distribution(pair.kl[mask]),
+        "reverse_kl_per_sequence": distribution(seq_kl[mask.any(-1)]),
+        "reverse_kl_sampled_estimate": masked_mean(sampled_estimate, mask),
+        "teacher_logp_student_tokens": masked_mean(pair.teacher.sampled_logp, mask),
+        "student_logp_own_tokens": masked_mean(pair.student_logp, mask),
+    })
+    bins = position_bins(mask.shape[1], cfg.max_new_tokens, max(1, cfg.max_new_tokens // 4))
+    out["by_position"] = {name: reduce_diagnostics(per_pos, mask & _window(mask, a, b), prefix="", names=BINNED)
+                          for name, (a, b) in bins.items() if name.startswith("pos_q")}
+    return out, pair
+
+
+def teacher_run(s: StudentSide, teacher: HFTeacher, t_model, t_eos: list[int], prompts: list[list[int]],
+                rendering: str) -> TeacherRun:
+    """The teacher's rollouts on ``prompts``; both models score them, the teacher also at the student's EOS ids."""
+    cfg = s.cfg
+    ro = _generate(t_model, prompts, cfg, eos_ids=t_eos, pad_id=s.pad_id, topk=0, seed=cfg.seed + 1,
+                   vocab_size=s.vocab_size)
+    eos_at = torch.tensor(s.eos_ids).expand(*ro.response_ids.shape, len(s.eos_ids))
+    pair = score_pair(s.model, teacher, [s.examples[i].prompt_ids for i in ro.example_index], ro.prompt_ids,
+                      ro.response_ids, ro.response_mask, pad_id=s.pad_id, vocab_size=s.vocab_size,
+                      temperature=cfg.temperature, teacher_at_ids=eos_at, chunk_size=cfg.chunk_size,
+                      batch_size=cfg.batch_size)
+    texts = _decode(s.tokenizer, ro)
+    return TeacherRun(rendering, ro, texts, _grade(texts, ro, s.examples), pair)
+
+
+def template_alignment(s: StudentSide, teacher: HFTeacher, t_model, t_eos: list[int], renderings: dict,
+                       configured: TeacherRun) -> dict | None:
+    """When the student's rendering of a prompt differs from the teacher's own template: how far the template
+    alone moves the teacher, and under which rendering the teacher does better (its aligned template).
+
+    ``shift_reverse_kl`` = KL(teacher | student's rendering ‖ teacher | own template) on the teacher's
+    rollouts, both at the teacher temperature. The better rendering is the one with the higher teacher accuracy
+    (when answers exist), then the larger share of finished responses, then the higher log-prob of its tokens.
+    """
+    if renderings["student"] == renderings["own"]:
+        return None
+    cfg, ro = s.cfg, configured.rollout
+    rows = {name: [renderings[name][i] for i in ro.example_index] for name in renderings}
+    shift = score_pair(t_model, teacher, rows["student"], rows["own"], ro.response_ids, ro.response_mask,
+                       pad_id=s.pad_id, vocab_size=s.vocab_size, temperature=cfg.teacher_temperature,
+                       chunk_size=cfg.chunk_size, batch_size=cfg.batch_size)
+    other_name = "own" if configured.rendering == "student" else "student"
+    other = teacher_run(s, teacher, t_model, t_eos, renderings[other_name], other_name)
+    runs = {configured.rendering: configured, other_name: other}
+    summaries = {name: run.summary(_ended_with(run.rollout, s.eos_ids)) for name, run in runs.items()}
+
+    def merit(name: str):
+        x = summaries[name]
+        return (x["accuracy"] if x["accuracy"] is not None else 0.0, x["ended"], x["teacher_logp_own_tokens"])
+
+    better = max(summaries, key=merit)
+    if merit(better) == merit(configured.rendering):
+        better = configured.rendering
+    return {"configured": configured.rendering, "shift_reverse_kl": masked_mean(shift.kl, ro.response_mask),
+            "renderings": summaries, "better": better}
+
+
+def compatibility(s: StudentSide, t_tok, vocab, run: TeacherRun, renderings: dict) -> dict:
+    cfg, ex = s.cfg, s.examples[0]
+    reply = run.texts[0] if run.texts and run.texts[0].strip() else "OK."
+    return {
+        "vocab": {"shared_vocab_size": vocab.shared_vocab_size, "student_tokens": len(s.tokenizer),
+                  "teacher_tokens": len(t_tok), "warnings": list(vocab.warnings)},
+        "special_tokens": compare_special_tokens(s.tokenizer, t_tok),
+        "template": compare_templates(s.tokenizer, t_tok, ex.messages, reply, student_kwargs=cfg.chat_template_kwargs,
+                                      teacher_kwargs=cfg.teacher_chat_template_kwargs),
+        "thinking": {"student": thinking_support(s.tokenizer, ex.messages, cfg.chat_template_kwargs),
+                     "teacher": thinking_support(t_tok, ex.messages, cfg.teacher_chat_template_kwargs),
+                     "student_rollouts_with_think": think_fraction(_decode(s.tokenizer, s.rollout, False)),
+                     "teacher_rollouts_with_think": think_fraction(_decode(s.tokenizer, run.rollout, False))},
+        "teacher_reads": "its own template" if cfg.teacher_chat_template == "own" else "the student's prompt",
+    }
+
+
+def probe_teacher(s: StudentSide, teacher_name: str) -> tuple[dict, list[dict]]:
+    """All probe numbers, the verdict and the recipe for one teacher; returns (result, rollout dump rows)."""
+    cfg, th = s.cfg, s.cfg.thresholds
+    t_path = resolve_model_path(teacher_name)
+    t_tok = load_tokenizer(t_path)
+    t_model = load_causal_lm(t_path, cfg.teacher_dtype)
+    freeze(t_model)
+    result: dict = {key: None for key in RESULT_KEYS}
+    result.update({"teacher": teacher_name, "student": s.path, "k": cfg.k})
+    try:
+        vocab = check_tokenizers(s.tokenizer, t_tok, model_vocab_size(s.model), model_vocab_size(t_model),
+                                 s.path, teacher_name)
+    except TokenizerMismatchError as e:
+        result["tokenizer_error"] = str(e)
+        result.update(decide(result, th))
+        return result, []
+    sample_student(s, vocab.shared_vocab_size)
+    teacher = HFTeacher(t_model, vocab_size=s.vocab_size, pad_id=s.pad_id, temperature=cfg.teacher_temperature,
+                        chunk_size=cfg.chunk_size, head_dtype=torch.float32)
+    t_eos = eos_token_ids(t_tok, t_model)
+    renderings = {"student": [ex.prompt_ids for ex in s.examples],
+                  "own": [render_prompt(t_tok, ex.messages, cfg.teacher_chat_template_kwargs) for ex in s.examples]}
+    teacher_prompts = renderings[cfg.teacher_chat_template]
+
+    # 1. The student's rollouts scored by both models.
+    metrics, pair = student_rollout_metrics(s, teacher, teacher_prompts)
+    result.update(metrics)
+
+    # 2. The teacher's own rollouts on the prompts it reads.
+    run = teacher_run(s, teacher, t_model, t_eos, teacher_prompts, cfg.teacher_chat_template)
+    t_mask = run.rollout.response_mask
+    result.update({"teacher_logp_own_tokens": masked_mean(run.pair.teacher.sampled_logp, t_mask),
+                   "student_logp_teacher_tokens": masked_mean(run.pair.student_logp, t_mask),
+                   "reverse_kl_on_teacher_rollouts": masked_mean(run.pair.kl, t_mask)})
+
+    # 3. Self-check: the teacher's own weights in the student role against the teacher engine, same prompts.
+    check = self_check(t_model, teacher, run.rollout.prompt_ids, run.rollout.response_ids, t_mask, pad_id=s.pad_id,
+                       vocab_size=s.vocab_size, temperature=cfg.temperature, tolerance=th.self_check_kl,
+                       chunk_size=cfg.chunk_size, batch_size=cfg.batch_size)
+    result["self_check_reverse_kl"] = check.reverse_kl
+    result["self_check"] = {"passed": check.passed, "reverse_kl": check.reverse_kl,
+                            "max_token_kl": check.max_token_kl, "sampled_logratio_abs": check.sampled_logratio,
+                            "tolerance": check.tolerance, "message": check.message()}
+
+    # 4. Compatibility: vocabulary, special tokens, templates (and which one the teacher is at home in),
+    # thinking tags, end-of-turn.
+    result["compatibility"] = compatibility(s, t_tok, vocab, run, renderings)
+    result["template_alignment"] = template_alignment(s, teacher, t_model, t_eos, renderings, run)
+    result["template_shift_reverse_kl"] = (result["template_alignment"] or {}).get("shift_reverse_kl")
+    ro = s.rollout
+    s_ended, t_ended = _ended_with(ro, s.eos_ids), _ended_with(run.rollout, t_eos)
+    at_t_end = torch.logsumexp(run.pair.teacher.logp_at_student_topk, -1)[t_ended]
+    result["eos"] = {
+        "student_eos_tokens": s.tokenizer.convert_ids_to_tokens(s.eos_ids),
+        "teacher_eos_tokens": t_tok.convert_ids_to_tokens(t_eos),
+        "student_eos_is_teacher_eos": set(s.eos_ids) <= set(t_eos),
+        "teacher_logp_student_eos": masked_mean(pair.teacher.sampled_logp, s_ended) if s_ended.any() else None,
+        "teacher_logp_student_eos_at_teacher_end": float(at_t_end.mean()) if at_t_end.numel() else None,
+        "student_rollouts_ended": float((~ro.truncated).float().mean()),
+        "teacher_rollouts_ended": float((~run.rollout.truncated).float().mean()),
+    }
+    result["rollouts"] = {
+        "student": {"count": len(ro), "len_mean": float(ro.response_mask.sum(-1).float().mean()),
+                    "truncated": float(ro.truncated.float().mean()), "example": s.texts[0][:300]},
+        "teacher": {"count": len(run.rollout), "len_mean": float(t_mask.sum(-1).float().mean()),
+                    "truncated": float(run.rollout.truncated.float().mean()), "example": run.texts[0][:300]}}
+
+    # 5. Accuracy where answers exist (explicit final answers only, opdkit.answers).
+    result["accuracy"] = capability(s.correct, ro.example_index, run.correct, run.rollout.example_index)
+    if result["accuracy"] is not None:
+        reward = sequence_mean_reward(pair.student_logp, pair.teacher.sampled_logp, ro.response_mask)
+        result["accuracy"]["reward_auroc"] = auroc(reward, torch.tensor([(c or 0.0) > 0.5 for c in s.correct]))
+
+    result.update(decide(result, th))
+    teacher_rows = [teacher_prompts[i] for i in ro.example_index]
+    student_rows = [s.examples[i].prompt_ids for i in run.rollout.example_index]
+    dump = (_dump_rows(s, teacher_name, "student", ro, s.texts, s.correct, pair, teacher_rows)
+            + _dump_rows(s, teacher_name, "teacher", run.rollout, run.texts, run.correct, run.pair, student_rows))
+    return result, dump
+
+
+def _dump_rows(s: StudentSide, teacher_name: str, kind: str, ro: Rollout, texts: list[str], correct: list,
+               pair: PairScores, other_prompts: list[list[int]]) -> list[dict]:
+    """One row per rollout: the ids each model saw and the per-token numbers the probe averaged.
+
+    ``prompt_ids`` is the prompt the sampling model read (the student's rendering for student rollouts, the
+    teacher's for teacher rollouts); ``teacher_prompt_ids`` / ``student_prompt_ids`` the other model's.
+    ``token_reverse_kl`` is KL(p_t‖q_t) per response token; ``student_logp`` / ``teacher_logp`` the log-probs
+    of each response token.
+    """
+    other = "teacher_prompt_ids" if kind == "student" else "student_prompt_ids"
+    rows = []
+    for b in range(len(ro)):
+        m = ro.response_mask[b]
+        ex = s.examples[ro.example_index[b]]
+        rows.append({"teacher": teacher_name, "kind": kind, "example": ex.index, "sample": b % ro.group_size,
+                     "prompt_ids": ro.prompt_ids[b], other: other_prompts[b],
+                     "response_ids": ro.response_ids[b][m].tolist(), "truncated": bool(ro.truncated[b]),
+                     "response": texts[b], "answer": ex.answer, "correct": correct[b],
+                     "token_reverse_kl": pair.kl[b][m].tolist(), "student_logp": pair.student_logp[b][m].tolist(),
+                     "teacher_logp": pair.teacher.sampled_logp[b][m].tolist()})
+    return rows
+
+
+def finite_or_none(obj):
+    """JSON-safe copy: NaN and infinities become null (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def run_probe(cfg: ProbeConfig) -> dict:
+    """Probe every teacher of ``cfg`` against the student; returns the JSON-ready result.
+
+    With one teacher the result is that teacher's numbers. With several, the top-level keys are the
+    best-ranked teacher's, ``ranking`` orders all of them and ``candidates`` holds every teacher's result.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    s = load_student(cfg)
+    results, dump = [], []
+    for name in cfg.teacher_list:
+        t0 = time.perf_counter()
+        result, rows = probe_teacher(s, name)
+        result["seconds"] = time.perf_counter() - t0
+        results.append(result)
+        dump += rows
+    ranking = rank(results)
+    best = next(r for r in results if r["teacher"] == ranking[0]["teacher"])
+    out = dict(best)
+    out.update({"prompts": cfg.prompts, "n_prompts": len(s.examples), "samples_per_prompt": cfg.samples_per_prompt,
+                "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "teacher_temperature": cfg.teacher_temperature, "seed": cfg.seed,
+                "thresholds": {k: getattr(cfg.thresholds, k) for k in cfg.thresholds.__dataclass_fields__},
+                "seconds": time.perf_counter() - start})
+    if len(results) > 1:
+        out["ranking"], out["candidates"] = ranking, results
+    if cfg.dump_rollouts:
+        path = Path(cfg.dump_rollouts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(finite_or_none(r)) + "\n" for r in dump))
+    return finite_or_none(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+VERDICT_STYLE = {"distill": "green", "align_template": "yellow", "cold_start": "yellow", "change_teacher": "red",
+                 "fix_setup": "bold red", "incompatible_tokenizer": "bold red"}
+
+
+def print_result(result: dict) -> None:
+    from rich.table import Table
+
+    for r in result.get("candidates", [result]):
+        table = Table(title=f"probe: {r['student']} <- {r['teacher']}")
+        table.add_column("quantity")
+        table.add_column("value", justify="right")
+        for key in ("reverse_kl", "overlap_ratio", "overlap_token_advantage", "entropy_student", "entropy_teacher",
+                    "entropy_gap", "overlap_mass_student", "overlap_mass_teacher", "teacher_logp_student_tokens",
+                    "teacher_logp_own_tokens", "student_logp_teacher_tokens", "self_check_reverse_kl",
+                    "template_shift_reverse_kl"):
+            if isinstance(r.get(key), (int, float)):
+                table.add_row(key, f"{r[key]:.4g}")
+        for key, value in (r.get("accuracy") or {}).items():
+            table.add_row(f"accuracy/{key}", "n/a" if value is None else f"{value:.3g}")
+        console.print(table)
+        style = VERDICT_STYLE[r["verdict"]]
+        console.print(f"verdict: [{style}]{r['verdict']}[/]")
+        for reason in r["reasons"]:
+            console.print(f"  - {reason}", highlight=False)
+        console.print("recipe:")
+        for i, step in enumerate(r["recipe"], 1):
+            console.print(f"  {i}. {step}", highlight=False)
+    if "ranking" in result:
+        console.print("ranking: " + ", ".join(f"{x['rank']}. {x['teacher']} ({x['verdict']})"
+                                              for x in result["ranking"]), highlight=False)
+
+
+def _flag_overrides(args) -> list[str]:
+    """Command-line flags as key=value overrides (JSON values are valid YAML, so types survive)."""
+    flags = {"student": args.student, "teacher": args.teacher, "teachers": args.teachers, "prompts": args.prompts,
+             "n_prompts": args.n_prompts, "json": args.json, "dump_rollouts": args.dump_rollouts}
+    return [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+
+
+def _cmd_probe(args) -> int:
+    cfg = load_config(ProbeConfig, args.config, _flag_overrides(args) + list(args.overrides))
+    result = run_probe(cfg)
+    text = json.dumps(result, indent=2)
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(text)
+        console.print(f"wrote {cfg.json}")
+    else:
+        print(text)
+    print_result(result)
+    failed = [r["teacher"] for r in result.get("candidates", [result]) if r["verdict"] == "fix_setup"]
+    if failed:
+        console.print(f"[bold red]SELF-CHECK FAILED for {', '.join(failed)}: see the reasons above[/]")
+        return 3
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("probe", help="before training: will OPD from this teacher work for this student?")
+    p.add_argument("--student", help="student model (HF directory, .gguf or bundled name)")
+    p.add_argument("--teacher", help="teacher model")
+    p.add_argument("--teachers", nargs="+", help="several candidate teachers to rank")
+    p.add_argument("--prompts", help="prompt file (.jsonl/.parquet)")
+    p.add_argument("--n-prompts", type=int, help="prompts sampled from the file (default 32)")
+    p.add_argument("--json", help="write the result JSON here")
+    p.add_argument("--dump-rollouts", help="write every rollout as a JSON line here")
+    p.add_argument("--config", help="YAML config file (keys: see opdkit.probe.ProbeConfig)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. k=8 max_new_tokens=128")
+    p.set_defaults(func=_cmd_probe)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from .cli import main
+
+    sys.exit(main(["probe", *sys.argv[1:]]))
