@@ -144,3 +144,11 @@ def test_sft_rejects_rows_without_a_conversation(tiny_dirs, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     assert main(["sft", *_overrides(tiny_dirs["student"], bad, tmp_path / "r")]) == 1
     assert "row 0: the conversation has no assistant message" in capsys.readouterr().err
+
+
+def test_config_reads_exponent_floats_written_without_a_dot():
+    # YAML 1.1 loads "1e-3" as a string; optim.lr=1e-3 on the command line must still work.
+    cfg = load_config(SFTConfig, None, ["model.path=m", "data.train=d.jsonl", "optim.lr=1e-3"])
+    assert cfg.optim.lr == 1e-3
+    with pytest.raises(Exception, match="optim.lr must be a number"):
+        load_config(SFTConfig, None, ["model.path=m", "data.train=d.jsonl", "optim.lr=fast"])

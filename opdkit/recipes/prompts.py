@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 

@@ -25,7 +25,6 @@ slots with their reasons in ``<output>.rejected.jsonl``, and the counts of every
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections import Counter, deque
@@ -44,8 +43,6 @@ from ..rollout import sample
 from ..tracking import console
 from .common import ModelConfig, Progress, PromptsConfig, check_output_path, load_recipe_prompts, write_json, \
     write_rows
-
-log = logging.getLogger(__name__)
 
 REASONS = ("truncated", "no_answer", "repetitive", "wrong_answer")
 
