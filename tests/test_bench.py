@@ -2,7 +2,7 @@
 
 import pytest
 
-from opdkit.bench import markdown, summarise
+from opdkit.bench import markdown, summarise, with_ratios
 from opdkit.bench.workers import BenchSettings
 
 
@@ -20,9 +20,18 @@ def test_summarise_takes_median_of_run_medians():
 
 
 def test_markdown_reports_ratios():
-    o, t = summarise([_run([2.0], 1.0, 1.5)]), summarise([_run([8.0], 4.0, 3.0)])
-    summary = {"opdkit": o, "trl": t, "ratios": {"step_time": 0.25, "peak_rss": 0.5, "rollout_time": 0.25,
-                                                 "teacher_time": 1.0, "train_time": 1.0}}
+    summary = with_ratios({"opdkit": summarise([_run([2.0], 1.0, 1.5)]), "trl": summarise([_run([8.0], 4.0, 3.0)])})
+    assert summary["ratios"]["opdkit"] == {"step_time": 0.25, "peak_rss": 0.5, "rollout_time": 0.25,
+                                           "teacher_time": 1.0, "train_time": 1.0}
     text = markdown(summary, BenchSettings(), repeats=1)
     assert "| seconds per step | 2.00 | 8.00 | **0.25** |" in text
     assert "| peak RSS (GB) | 1.50 | 3.00 | **0.50** |" in text
+
+
+def test_markdown_has_a_column_and_a_ratio_per_opdkit_side():
+    summary = with_ratios({"opdkit": summarise([_run([2.0], 1.0, 1.5)]), "opdkit-vllm": summarise([_run([1.0], 0.5, 2.4)]),
+                           "trl": summarise([_run([4.0], 2.0, 3.0)])})
+    text = markdown(summary, BenchSettings(), repeats=1)
+    assert "| seconds per step | 2.00 | 1.00 | 4.00 | **0.50** | **0.25** |" in text
+    assert "| rollout seconds | 1.00 | 0.50 | 2.00 | 0.50 | 0.25 |" in text
+    assert "| peak RSS (GB) | 1.50 | 2.40 | 3.00 | **0.50** | **0.80** |" in text

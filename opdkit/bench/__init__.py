@@ -55,36 +55,54 @@ def default_settings(out_dir: Path, **overrides) -> BenchSettings:
     return BenchSettings(student=str(student), teacher=str(teacher), prompts=str(prompts), **overrides)
 
 
-def compare(s: BenchSettings, out_dir: Path, repeats: int) -> dict:
-    results: dict[str, list[dict]] = {"opdkit": [], "trl": []}
+def compare(s: BenchSettings, out_dir: Path, repeats: int, sides: tuple[str, ...] = ("opdkit", "trl")) -> dict:
+    """Alternating runs of each side (the order rotates every repeat); ratios of each opdkit side to TRL."""
+    results: dict[str, list[dict]] = {side: [] for side in sides}
     for r in range(repeats):
-        order = ("opdkit", "trl") if r % 2 == 0 else ("trl", "opdkit")
+        order = sides[r % len(sides):] + sides[:r % len(sides)]
         for side in order:
             results[side].append(run_worker(side, s, out_dir, f"{side}-{r}"))
             print(f"  run {r + 1}/{repeats} {side}: {statistics.median(results[side][-1]['step_seconds']):.2f} s/step",
                   flush=True)
-    summary = {side: summarise(runs) for side, runs in results.items()}
-    o, t = summary["opdkit"], summary["trl"]
-    summary["ratios"] = {"step_time": o["step_seconds"] / t["step_seconds"],
-                         "peak_rss": o["peak_rss_gb"] / t["peak_rss_gb"],
-                         **{f"{ph}_time": o["phases"][ph] / t["phases"][ph] for ph in o["phases"]}}
+    return with_ratios({side: summarise(runs) for side, runs in results.items()})
+
+
+def with_ratios(summary: dict) -> dict:
+    """Add ``ratios[side]``: each opdkit side's step time, phase times and peak RSS over TRL's."""
+    t = summary["trl"]
+    summary["ratios"] = {side: {"step_time": x["step_seconds"] / t["step_seconds"],
+                                "peak_rss": x["peak_rss_gb"] / t["peak_rss_gb"],
+                                **{f"{ph}_time": x["phases"][ph] / t["phases"][ph] for ph in t["phases"]}}
+                         for side, x in summary.items() if side != "trl"}
     return summary
 
 
+TITLES = {"opdkit": "opdkit (HF rollouts)", "opdkit-vllm": "opdkit (vLLM rollouts)", "trl": "TRL DistillationTrainer"}
+
+
 def markdown(summary: dict, s: BenchSettings, repeats: int) -> str:
-    o, t, r = summary["opdkit"], summary["trl"], summary["ratios"]
-    lines = [f"Same work on both sides: student = 15-layer pruned SmolLM2 (81M), teacher = SmolLM2-135M-Instruct, "
+    ours = list(summary["ratios"])
+    cols = ours + ["trl"]
+    header = "| | " + " | ".join(TITLES[c] for c in cols) + " | " + " | ".join(f"{c} / TRL" for c in ours) + " |"
+    lines = [f"Same work on every side: student = 15-layer pruned SmolLM2 (81M), teacher = SmolLM2-135M-Instruct, "
              f"batch {s.batch}, {s.new_tokens} new tokens (fixed length), full-vocabulary reverse KL "
              f"(opdkit `objective.name={s.objective}`, TRL `beta=1`), {s.steps} measured steps after {s.warmup} "
-             f"warm-up, median of {repeats} alternating runs.", "",
-             "| | opdkit | TRL DistillationTrainer | opdkit / TRL |", "|---|---|---|---|",
-             f"| seconds per step | {o['step_seconds']:.2f} | {t['step_seconds']:.2f} | **{r['step_time']:.2f}** |"]
+             f"warm-up, median of {repeats} alternating runs, {s.threads or 'all'} torch thread(s) per run.", "",
+             header, "|---" * (1 + len(cols) + len(ours)) + "|"]
+
+    def row(name: str, value, ratio, fmt: str, bold: bool = False) -> str:
+        vals = [format(value(summary[c]), fmt) for c in cols]
+        rats = [(f"**{ratio(c):.2f}**" if bold else f"{ratio(c):.2f}") for c in ours]
+        return f"| {name} | " + " | ".join(vals) + " | " + " | ".join(rats) + " |"
+
+    r = summary["ratios"]
+    lines.append(row("seconds per step", lambda x: x["step_seconds"], lambda c: r[c]["step_time"], ".2f", True))
     for ph in ("rollout", "teacher", "train"):
-        lines.append(f"| {ph} seconds | {o['phases'][ph]:.2f} | {t['phases'][ph]:.2f} | {r[ph + '_time']:.2f} |")
-    lines += [f"| tokens per second | {o['tokens_per_second']:.0f} | {t['tokens_per_second']:.0f} | "
-              f"{o['tokens_per_second'] / t['tokens_per_second']:.2f} |",
-              f"| peak RSS (GB) | {o['peak_rss_gb']:.2f} | {t['peak_rss_gb']:.2f} | **{r['peak_rss']:.2f}** |",
-              f"| dtype policy | {o['dtype_policy']} | {t['dtype_policy']} | |"]
+        lines.append(row(f"{ph} seconds", lambda x, ph=ph: x["phases"][ph], lambda c, ph=ph: r[c][f"{ph}_time"], ".2f"))
+    lines.append(row("tokens per second", lambda x: x["tokens_per_second"],
+                     lambda c: summary[c]["tokens_per_second"] / summary["trl"]["tokens_per_second"], ".0f"))
+    lines.append(row("peak RSS (GB)", lambda x: x["peak_rss_gb"], lambda c: r[c]["peak_rss"], ".2f", True))
+    lines.append("| dtype policy | " + " | ".join(summary[c]["dtype_policy"] for c in cols) + " |" + " |" * len(ours))
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +115,8 @@ def add_commands(sub) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--trl-bf16", action="store_true", help="run TRL with bf16=True (default: fp32, its faster CPU mode)")
+    p.add_argument("--vllm", action="store_true", help="also run opdkit with vLLM rollouts (needs the vllm extra)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: all cores)")
     p.add_argument("--skip-compare", action="store_true", help="only the scaling curves")
     p.add_argument("--scaling", action="store_true", help="also measure the curves against length and k")
     p.add_argument("--quick", action="store_true", help="short scaling sweep (lengths 64-256, k 1-64)")
@@ -110,12 +130,13 @@ def _cmd_bench(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     s = default_settings(out, batch=args.batch, new_tokens=args.new_tokens, steps=args.steps, warmup=args.warmup,
-                         trl_bf16=args.trl_bf16)
+                         trl_bf16=args.trl_bf16, threads=args.threads)
     report: dict = {"settings": asdict(s), "date": time.strftime("%Y-%m-%d %H:%M")}
     md = []
     if not args.skip_compare:
         console.print(f"comparing opdkit and TRL: {args.repeats} alternating runs each")
-        report["compare"] = compare(s, out, args.repeats)
+        sides = ("opdkit", "opdkit-vllm", "trl") if args.vllm else ("opdkit", "trl")
+        report["compare"] = compare(s, out, args.repeats, sides)
         md.append(markdown(report["compare"], s, args.repeats))
         console.print(md[-1], highlight=False)
     if args.scaling:

@@ -36,7 +36,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
-def run_opdkit(s: BenchSettings) -> dict:
+def run_opdkit(s: BenchSettings, side: str = "opdkit", engine_overrides: tuple = ()) -> dict:
     from ..config import DistillConfig, load_config
     from ..train import Distiller
 
@@ -44,7 +44,7 @@ def run_opdkit(s: BenchSettings) -> dict:
                  "eval.prompts=0", f"rollout.prompts_per_step={s.batch}", f"rollout.max_new_tokens={s.new_tokens}",
                  f"rollout.min_new_tokens={s.new_tokens}", f"objective.name={s.objective}", f"objective.k={s.k}",
                  f"optim.lr={s.lr}", f"optim.micro_batch_size={s.batch}", "run.out_dir=/tmp/opdkit-bench-unused",
-                 "data.shuffle=false", *s.extra]
+                 "data.shuffle=false", *engine_overrides, *s.extra]
     cfg = load_config(DistillConfig, None, overrides)
     d = Distiller(cfg, log_to_disk=False)
     steps, phases, tokens = [], [], []
@@ -55,9 +55,9 @@ def run_opdkit(s: BenchSettings) -> dict:
             phases.append({k.split("/")[1]: metrics[f"time/{k.split('/')[1]}"] for k in
                            ("time/rollout", "time/teacher", "time/train")})
             tokens.append(metrics["rollout/tokens"])
-    return {"side": "opdkit", "step_seconds": steps, "phases": phases, "tokens": tokens, "peak_rss_gb": peak_rss_gb(),
+    return {"side": side, "step_seconds": steps, "phases": phases, "tokens": tokens, "peak_rss_gb": peak_rss_gb(),
             "dtype_policy": f"student fp32 master + {cfg.student.compute_dtype} autocast, {cfg.student.sampling_dtype} "
-                            f"sampling copy; teacher {cfg.teacher.dtype} with {cfg.teacher.head_dtype} head; "
+                            f"sampling copy ({cfg.rollout.engine}); teacher {cfg.teacher.dtype} with {cfg.teacher.head_dtype} head; "
                             f"student head {cfg.student.head_dtype}"}
 
 
@@ -120,7 +120,12 @@ def run_trl(s: BenchSettings) -> dict:
             "dtype_policy": "student and teacher fp32" + (", bf16 autocast (bf16=True)" if s.trl_bf16 else "")}
 
 
-WORKERS = {"opdkit": run_opdkit, "trl": run_trl}
+def run_opdkit_vllm(s: BenchSettings) -> dict:
+    # vLLM in-process (CPU backend here); its KV cache is counted in the peak RSS, so keep it at 1 GiB
+    return run_opdkit(s, "opdkit-vllm", ("rollout.engine=vllm", "rollout.vllm_kv_cache_gib=1"))
+
+
+WORKERS = {"opdkit": run_opdkit, "opdkit-vllm": run_opdkit_vllm, "trl": run_trl}
 
 
 def worker_main(side: str, settings_json: str, out: str) -> None:
