@@ -14,10 +14,45 @@ from pathlib import Path
 from .workers import BenchSettings
 
 
+class RSSPeak:
+    """Peak resident memory of this process while the ``with`` block runs, by polling /proc every 2 ms.
+
+    ``ru_maxrss`` cannot measure a phase: it is the peak since the process started (model loading included).
+    """
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.wait(0.002):
+                self.peak = max(self.peak, _rss_bytes())
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def growth_gb(self) -> float:
+        return (self.peak - self.base) / 1024 ** 3
+
+
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _scoring_memory_worker(teacher: str, length: int, mode: str, batch: int) -> dict:
     """Peak RSS growth while scoring ``batch`` x ``length`` response tokens (run in its own process)."""
-    import resource
-
     import torch
 
     from ..models import load_causal_lm
@@ -31,9 +66,8 @@ def _scoring_memory_worker(teacher: str, length: int, mode: str, batch: int) -> 
     V = model.get_output_embeddings().weight.shape[0]
     warm = HFTeacher(model, vocab_size=V, pad_id=2)
     warm.score(prompts, resp[:, :8], mask[:, :8], k=16)  # allocator and kernel warm-up outside the measurement
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), RSSPeak() as rss:
         if mode == "topk":
             out = warm.score(prompts, resp, mask, k=16)
             kept = sum(t.numel() * t.element_size() for t in (out.sampled_logp, out.topk_ids, out.topk_logp, out.entropy))
@@ -42,10 +76,8 @@ def _scoring_memory_worker(teacher: str, length: int, mode: str, batch: int) -> 
             logits = model(input_ids=ids).logits[:, len(prompts[0]) - 1:-1].float()
             logp = torch.log_softmax(logits, -1)
             kept = logp.numel() * logp.element_size()
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"length": length, "mode": mode, "peak_growth_gb": (peak - base) / 1024 ** 2, "kept_mb": kept / 2 ** 20,
-            "seconds": seconds}
+    return {"length": length, "mode": mode, "peak_growth_gb": rss.growth_gb, "kept_mb": kept / 2 ** 20,
+            "seconds": time.perf_counter() - start}
 
 
 def scoring_memory(teacher: str, length: int, mode: str, batch: int = 8) -> dict:
@@ -95,8 +127,10 @@ def phase_flops(s: BenchSettings, prompt_len: float) -> dict:
     return {"rollout": rollout, "teacher": teacher, "train": train}
 
 
+SCORING_MEMORY_LENGTHS = [64, 128, 256, 512, 1024]  # cheap (one teacher forward each), so always the full range
+
+
 def run_scaling(s: BenchSettings, out_dir: Path, quick: bool = False) -> tuple[dict, str]:
-    from ..plots import plt
     from ..tracking import console
     from . import run_worker
 
@@ -115,14 +149,27 @@ def run_scaling(s: BenchSettings, out_dir: Path, quick: bool = False) -> tuple[d
         r = run_worker("opdkit", replace(s, objective="topk", k=k), out_dir, f"k{k}")
         result["k"].append({"k": k, "step_seconds": min(r["step_seconds"]), "peak_rss_gb": r["peak_rss_gb"]})
         console.print(f"  k {k}: {result['k'][-1]['step_seconds']:.2f} s/step")
-    for length in lengths:
-        for mode in ("topk", "full"):
-            result["scoring_memory"].append(scoring_memory(s.teacher, length, mode, s.batch))
+    result["scoring_memory"] = measure_scoring_memory(s)
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)  # the same threads as the workers, for a fair utilisation
     peaks = matmul_peak_tflops()
     base = next(r for r in result["length"] if r["length"] == s.new_tokens and r["objective"] == "topk")
     flops = phase_flops(s, prompt_len=70)
     result["matmul_peak_tflops"] = peaks
     result["utilisation"] = {ph: flops[ph] / base["phases"][ph] / 1e12 / peaks["bfloat16"] for ph in flops}
+    plot_scaling(result, out_dir / "scaling.png")
+    return result, scaling_markdown(result, s)
+
+
+def measure_scoring_memory(s: BenchSettings) -> list[dict]:
+    return [scoring_memory(s.teacher, length, mode, s.batch) for length in SCORING_MEMORY_LENGTHS
+            for mode in ("topk", "full")]
+
+
+def plot_scaling(result: dict, out_png: Path) -> None:
+    from ..plots import plt
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for objective, style in (("topk", "o-"), ("reverse_kl", "s--")):
@@ -132,21 +179,22 @@ def run_scaling(s: BenchSettings, out_dir: Path, quick: bool = False) -> tuple[d
     axes[2].plot([r["k"] for r in result["k"]], [r["step_seconds"] for r in result["k"]], "o-")
     for mode, style in (("topk", "o-"), ("full", "s--")):
         rows = [r for r in result["scoring_memory"] if r["mode"] == mode]
-        axes[3].plot([r["length"] for r in rows], [r["kept_mb"] for r in rows], style,
-                     label="top-16 (opdkit)" if mode == "topk" else "full-vocab log-probs")
+        axes[3].plot([r["length"] for r in rows], [r["peak_growth_gb"] for r in rows], style,
+                     label="top-16, chunked (opdkit)" if mode == "topk" else "full-vocab log-probs")
     titles = ("step time (s) vs new tokens", "peak RSS (GB) vs new tokens", "step time (s) vs k (top-k OPD)",
-              "teacher output kept (MiB) vs new tokens")
+              "teacher scoring: peak RSS growth (GB) vs new tokens")
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7) if ax.get_legend_handles_labels()[0] else None
-    for ax in (axes[0], axes[1], axes[3]):
         ax.set_xscale("log", base=2)
-    axes[2].set_xscale("log", base=2)
     fig.tight_layout()
-    fig.savefig(out_dir / "scaling.png", dpi=110)
+    fig.savefig(out_png, dpi=110)
     plt.close(fig)
 
+
+def scaling_markdown(result: dict, s: BenchSettings) -> str:
+    lengths = sorted({r["length"] for r in result["length"]})
     md = ["", f"Scaling (batch {s.batch}, opdkit only, step time = fastest of {s.steps} measured steps):", "",
           "| new tokens | top-k s/step | full-vocab s/step | top-k peak RSS GB | full-vocab peak RSS GB |",
           "|---|---|---|---|---|"]
@@ -156,16 +204,18 @@ def run_scaling(s: BenchSettings, out_dir: Path, quick: bool = False) -> tuple[d
         md.append(f"| {length} | {t['step_seconds']:.2f} | {f['step_seconds']:.2f} | {t['peak_rss_gb']:.2f} | "
                   f"{f['peak_rss_gb']:.2f} |")
     md += ["", "| k | s/step |", "|---|---|"] + [f"| {r['k']} | {r['step_seconds']:.2f} |" for r in result["k"]]
-    md += ["", "Teacher scoring memory (batch 8): what is kept after scoring, and peak RSS growth during it:", "",
+    md += ["", f"Teacher scoring memory (batch {s.batch}): what is kept after scoring, and the peak RSS growth while "
+           "scoring (polled every 2 ms):", "",
            "| new tokens | top-16 kept MiB | top-16 peak growth GB | full log-probs kept MiB | full peak growth GB |",
            "|---|---|---|---|---|"]
-    for length in lengths:
+    for length in sorted({r["length"] for r in result["scoring_memory"]}):
         t = next(r for r in result["scoring_memory"] if r["length"] == length and r["mode"] == "topk")
         f = next(r for r in result["scoring_memory"] if r["length"] == length and r["mode"] == "full")
         md.append(f"| {length} | {t['kept_mb']:.2f} | {t['peak_growth_gb']:.2f} | {f['kept_mb']:.0f} | "
                   f"{f['peak_growth_gb']:.2f} |")
+    peaks = result["matmul_peak_tflops"]
     md += ["", f"Measured matmul peak: {peaks['float32']:.2f} TFLOP/s fp32, {peaks['bfloat16']:.2f} TFLOP/s bf16. "
            "Fraction of the bf16 peak reached per phase (approximate FLOP counts, top-k, "
            f"{s.new_tokens} new tokens): " + ", ".join(f"{ph} {u:.0%}" for ph, u in result["utilisation"].items()),
            "", "![scaling](scaling.png)"]
-    return result, "\n".join(md) + "\n"
+    return "\n".join(md) + "\n"
