@@ -58,7 +58,10 @@ def test_gap_recovery_and_claim_verdicts():
     assert rows["gap recovery of a successful run"]["holds"] == "yes"
     assert rows["7 new capability > same pipeline"]["holds"] == "not run"
     flat = {"new_capability": [{**run, "diag/overlap_ratio@end": 0.4}]}
-    assert {r["claim"]: r for r in claims(flat)}["1 successful-OPD signature"]["holds"] == "no"
+    assert {r["claim"]: r for r in claims(flat)}["1 successful-OPD signature"]["holds"] == "partly"
+    none = {"new_capability": [{**run, "diag/overlap_ratio@end": 0.4, "diag/overlap_token_advantage@end": -0.3,
+                                "diag/entropy_gap@end": 0.4, "eval/reverse_kl@after": 1.3}]}
+    assert {r["claim"]: r for r in claims(none)}["1 successful-OPD signature"]["holds"] == "no"
     assert check_headline(run) == []
     stalled = {**run, "eval/accuracy@after": 0.3, "diag/entropy_gap@end": 0.4, "diag/overlap_mass_teacher@mean": 0.5}
     assert check_headline(stalled) == ["eval accuracy increases", "overlap mass > 0.9"]

@@ -66,6 +66,10 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("sampled_token", "S0", "T_new", overrides=("objective.name=sampled",)),
     Experiment("top1", "S0", "T_new", overrides=("objective.k=1",)),
     Experiment("top4", "S0", "T_new", overrides=("objective.k=4",)),
+    # Eq. 5 renormalises both models over the set, so with k = 1 its KL is identically 0 (no gradient); the
+    # paper's reference code trains top-1 with the policy-gradient form on full-softmax log-probs instead.
+    Experiment("top1_pg", "S0", "T_new", overrides=("objective.k=1", "objective.form=pg")),
+    Experiment("top16_pg", "S0", "T_new", overrides=("objective.form=pg",)),
     # reverse distillation: the RL-improved student back into its pre-RL checkpoint / a same-data bigger model
     Experiment("reverse_to_pre_rl", "S_RL", "S0"),
     Experiment("reverse_to_same", "S_RL", "T_same"),

@@ -62,10 +62,10 @@ class ZooConfig:
     sft_lr: float = 3e-3
     student_sft_steps: int = 800
     teacher_sft_steps: int = 1000
-    grpo_steps: int = 40
-    grpo_prompts_per_step: int = 8
+    grpo_steps: int = 150
+    grpo_prompts_per_step: int = 16
     grpo_n: int = 8
-    grpo_lr: float = 3e-4
+    grpo_lr: float = 1e-4
     cold_start_prompts: int = 400
     cold_start_sft_steps: int = 100
     eval_prompts: int = 96
