@@ -73,3 +73,13 @@ def test_quick_study_shows_the_successful_opd_signature(tmp_path):
     result = outcome["results"]["new_capability"][0]
     assert check_headline(result) == [], result
     assert outcome["zoo"]["T_new"]["accuracy"]["mixed_quiz"] > outcome["zoo"]["S0"]["accuracy"]["mixed_quiz"]
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    from opdkit.config import ConfigError, dump_yaml
+    from opdkit.study.run import check_cache
+
+    (tmp_path / "study.yaml").write_text(dump_yaml(study_config([])))
+    check_cache(study_config(["experiments=[pattern_B]"], seeds=5, threads=2), tmp_path)  # same cached settings
+    with pytest.raises(ConfigError, match="opd.lr"):
+        check_cache(study_config(["opd.lr=0.01"]), tmp_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, dump_yaml, load_config
+from ..config import ConfigError, dump_yaml, load_config, to_dict
 from ..tracking import console
 from .experiments import EXPERIMENTS, OPDConfig, Plan, load_results, run_experiment
 from .zoo import Zoo, ZooConfig
@@ -57,6 +57,26 @@ def study_config(overrides: list[str], quick: bool = False, seeds: int | None = 
     return cfg
 
 
+def _cached_settings(cfg: StudyConfig) -> dict:
+    """The settings cached zoo members and runs depend on (threads, seeds and the experiment list do not)."""
+    data = to_dict(cfg)
+    data["zoo"].pop("threads"), data["opd"].pop("threads")
+    return {"zoo": data["zoo"], "opd": data["opd"]}
+
+
+def check_cache(cfg: StudyConfig, out: Path) -> None:
+    """Refuse to mix runs of different settings in one output directory (cached results would be reused)."""
+    path = out / "study.yaml"
+    if not path.is_file():
+        return
+    previous = load_config(StudyConfig, path)
+    if _cached_settings(previous) != _cached_settings(cfg):
+        old, new = _cached_settings(previous), _cached_settings(cfg)
+        changed = [f"{section}.{k}" for section in old for k in old[section] if old[section][k] != new[section].get(k)]
+        raise ConfigError(f"{out} holds a study with different settings ({', '.join(changed)}); its cached zoo and "
+                          f"runs would be reused. Choose another --out, or delete {out}")
+
+
 def plan(cfg: StudyConfig) -> Plan:
     chosen = [e for e in EXPERIMENTS if not cfg.experiments or e.name in cfg.experiments]
     return Plan(chosen, cfg.seeds)
@@ -65,6 +85,7 @@ def plan(cfg: StudyConfig) -> Plan:
 def run_study(cfg: StudyConfig, out: str | Path) -> dict:
     """Train the zoo members the planned experiments need, run them, return {experiment: [per-seed results]}."""
     out = Path(out)
+    check_cache(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.yaml").write_text(dump_yaml(cfg))
     torch.set_num_threads(cfg.threads)
