@@ -17,7 +17,7 @@ import torch
 from ..config import ConfigError, dump_yaml, load_config, to_dict
 from ..tracking import console
 from .experiments import EXPERIMENTS, OPDConfig, Plan, load_results, run_experiment
-from .zoo import Zoo, ZooConfig
+from .zoo import Zoo, ZooConfig, with_dependencies
 
 
 @dataclass
@@ -91,11 +91,8 @@ def run_study(cfg: StudyConfig, out: str | Path) -> dict:
     torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     p = plan(cfg)
-    needed = set().union(*(e.needs for e in p.experiments))
-    order = ("S0", "T_new", "T_same", "T_B", "S_RL", "S0_coldB")
     zoo = Zoo(out / "zoo", cfg.zoo)
-    cards = zoo.build(tuple(m for m in order if m in needed or (m == "S0" and "S0_coldB" in needed)
-                            or (m == "T_B" and "S0_coldB" in needed)))
+    cards = zoo.build(with_dependencies(set().union(*(e.needs for e in p.experiments))))
     zoo_seconds = time.perf_counter() - started
     for exp, seed in p.runs():
         run_experiment(zoo, exp, seed, cfg.opd, out)

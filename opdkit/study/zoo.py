@@ -85,6 +85,19 @@ SFT_MEMBERS: dict[str, tuple[str, bool, str, tuple[str, ...]]] = {
     "T_B": ("teacher", False, "B", ("quiz",)),
 }
 # The prompt files every experiment draws from (problems disjoint from the evaluation sets).
+# Members trained from other members.
+DEPENDS: dict[str, tuple[str, ...]] = {"S_RL": ("S0",), "S0_coldB": ("S0", "T_B")}
+ORDER = ("S0", "T_new", "T_same", "T_B", "S_RL", "S0_coldB")
+
+
+def with_dependencies(members: set[str]) -> tuple[str, ...]:
+    """``members`` and every member they are trained from, in training order."""
+    needed = set(members)
+    for m in members:
+        needed |= set(DEPENDS.get(m, ()))
+    return tuple(m for m in ORDER if m in needed)
+
+
 PROMPT_SETS: dict[str, tuple[tuple[str, ...], str]] = {
     "mixed_quiz": (("up", "down"), "quiz"),
     "mixed_plain": (("up", "down"), "plain"),
@@ -138,7 +151,7 @@ class Zoo:
 
     # -- training -----------------------------------------------------------------------------------
 
-    def _sft(self, name: str, init, data: Path, steps: int) -> dict:
+    def _sft(self, name: str, init: Path, data: Path, steps: int) -> dict:
         from ..recipes.sft import SFTConfig, SFTTrainer
 
         c = self.cfg
@@ -149,11 +162,7 @@ class Zoo:
                       "weight_decay": 0.01},
             "run": {"out_dir": str(self.root / name / "sft"), "max_steps": steps, "seed": c.seed,
                     "tensorboard": False, "progress": False, "threads": c.threads}})
-        if isinstance(init, Path):
-            model = load_causal_lm(init, "float32")
-        else:
-            model = init
-        summary = SFTTrainer(cfg, model=model, tokenizer=self.tokenizer).run()
+        summary = SFTTrainer(cfg, model=load_causal_lm(init, "float32"), tokenizer=self.tokenizer).run()
         _link_final(self.root / name / "sft" / "final_model", self.model(name))
         return {"recipe": "sft", "data": str(data), "steps": steps, "first_loss": summary["first_loss"],
                 "last_loss": summary["last_loss"], "wall_seconds": summary["wall_seconds"]}
@@ -193,7 +202,8 @@ class Zoo:
         card = self._sft("S0_coldB", self.model("S0"), out, c.cold_start_sft_steps)
         return {**card, "recipe": "sft on filtered T_B rollouts"}
 
-    def build(self, members: tuple[str, ...] = ("S0", "T_new", "T_same", "T_B", "S_RL", "S0_coldB")) -> dict:
+    def build(self, members: tuple[str, ...] = ORDER) -> dict:
+        """Train the missing ``members`` (in ``ORDER``; dependencies must come first) and return their cards."""
         torch.set_num_threads(self.cfg.threads)
         if not self.data("eval_mixed_quiz").is_file():
             self.write_data()
