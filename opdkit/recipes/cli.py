@@ -27,42 +27,35 @@ def _print_json(data: dict) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
-def _cmd_rollout(args) -> int:
-    from ..config import load_config
-    from .rollout import RolloutRecipeConfig, print_stats, run_rollout
+def _configured_command(module: str, config: str, run: str, show: str | None = None, summary_file: bool = False):
+    """A subcommand that loads ``config`` from --config/overrides, calls ``run`` and prints its result.
 
-    if args.keys:
-        return _print_keys(RolloutRecipeConfig)
-    stats = run_rollout(load_config(RolloutRecipeConfig, args.config, args.overrides))
-    print_stats(stats)
-    _print_json(stats)
-    return 0
+    Names, not objects, so ``opdkit --help`` does not import torch and the recipes' modules.
+    """
+    def command(args) -> int:
+        import importlib
+
+        from ..config import load_config
+        from .common import write_json
+
+        mod = importlib.import_module(f"{__package__}.{module}")
+        cls = getattr(mod, config)
+        if args.keys:
+            return _print_keys(cls)
+        cfg = load_config(cls, args.config, args.overrides)
+        result = getattr(mod, run)(cfg)
+        if summary_file:
+            write_json(f"{cfg.run.out_dir}/summary.json", result)
+        if show:
+            getattr(mod, show)(result)
+        _print_json(result)
+        return 0
+    return command
 
 
-def _cmd_sft(args) -> int:
-    from ..config import load_config
-    from .common import write_json
-    from .sft import SFTConfig, run_sft
-
-    if args.keys:
-        return _print_keys(SFTConfig)
-    cfg = load_config(SFTConfig, args.config, args.overrides)
-    summary = run_sft(cfg)
-    write_json(f"{cfg.run.out_dir}/summary.json", summary)
-    _print_json(summary)
-    return 0
-
-
-def _cmd_dedup(args) -> int:
-    from ..config import load_config
-    from .dedup import DedupConfig, print_summary, run_dedup
-
-    if args.keys:
-        return _print_keys(DedupConfig)
-    summary = run_dedup(load_config(DedupConfig, args.config, args.overrides))
-    print_summary(summary)
-    _print_json(summary)
-    return 0
+_cmd_rollout = _configured_command("rollout", "RolloutRecipeConfig", "run_rollout", show="print_stats")
+_cmd_sft = _configured_command("sft", "SFTConfig", "run_sft", summary_file=True)
+_cmd_dedup = _configured_command("dedup", "DedupConfig", "run_dedup", show="print_summary")
 
 
 def _cmd_prompts(args) -> int:

@@ -84,7 +84,6 @@ SFT_MEMBERS: dict[str, tuple[str, bool, str, tuple[str, ...]]] = {
     "T_same": ("teacher", True, "A", ("quiz", "plain")),
     "T_B": ("teacher", False, "B", ("quiz",)),
 }
-# The prompt files every experiment draws from (problems disjoint from the evaluation sets).
 # Members trained from other members.
 DEPENDS: dict[str, tuple[str, ...]] = {"S_RL": ("S0",), "S0_coldB": ("S0", "T_B")}
 ORDER = ("S0", "T_new", "T_same", "T_B", "S_RL", "S0_coldB")
