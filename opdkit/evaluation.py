@@ -14,8 +14,10 @@ from .answers import score_response
 from .student import student_forward
 
 
-def decode_responses(tokenizer, response_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(response_ids, mask)]
+def decode_responses(tokenizer, response_ids: torch.Tensor, mask: torch.Tensor,
+                     skip_special_tokens: bool = True) -> list[str]:
+    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=skip_special_tokens)
+            for row, m in zip(response_ids, mask)]
 
 
 @torch.no_grad()

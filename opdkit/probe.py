@@ -40,6 +40,7 @@ from .data import Example, load_prompts, render_prompt
 from .diagnostics import (BINNED, auroc, masked_mean, overlap_membership, overlap_token_advantage_reference,
                           per_position_diagnostics, position_bins, reduce_diagnostics, sequence_mean_reward)
 from .distributed import pad_cat
+from .evaluation import decode_responses
 from .models import (DTYPES, TokenizerMismatchError, check_tokenizers, eos_token_ids, freeze, load_causal_lm,
                      load_tokenizer, model_vocab_size, resolve_model_path)
 from .rollout import HFRolloutEngine, Rollout, row_seeds, sample
@@ -503,8 +504,7 @@ def _generate(model, prompts: list[list[int]], cfg: ProbeConfig, *, eos_ids: lis
 
 
 def _decode(tokenizer, rollout: Rollout, skip_special: bool = True) -> list[str]:
-    return [tokenizer.decode(r[m].tolist(), skip_special_tokens=skip_special)
-            for r, m in zip(rollout.response_ids, rollout.response_mask)]
+    return decode_responses(tokenizer, rollout.response_ids, rollout.response_mask, skip_special)
 
 
 def _grade(texts: list[str], rollout: Rollout, examples: list[Example]) -> list:
