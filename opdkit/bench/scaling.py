@@ -130,6 +130,15 @@ def phase_flops(s: BenchSettings, prompt_len: float) -> dict:
 SCORING_MEMORY_LENGTHS = [64, 128, 256, 512, 1024]  # cheap (one teacher forward each), so always the full range
 
 
+def mean_prompt_length(s: BenchSettings) -> float:
+    """Mean rendered prompt length of the benchmark's prompts, in the student's tokens."""
+    from ..data import load_prompts
+    from ..models import load_tokenizer
+
+    examples = load_prompts(s.prompts, load_tokenizer(s.student)).examples
+    return sum(len(e.prompt_ids) for e in examples) / len(examples)
+
+
 def run_scaling(s: BenchSettings, out_dir: Path, quick: bool = False) -> tuple[dict, str]:
     from ..tracking import console
     from . import run_worker
@@ -156,7 +165,7 @@ def run_scaling(s: BenchSettings, out_dir: Path, quick: bool = False) -> tuple[d
         torch.set_num_threads(s.threads)  # the same threads as the workers, for a fair utilisation
     peaks = matmul_peak_tflops()
     base = next(r for r in result["length"] if r["length"] == s.new_tokens and r["objective"] == "topk")
-    flops = phase_flops(s, prompt_len=70)
+    flops = phase_flops(s, prompt_len=mean_prompt_length(s))
     result["matmul_peak_tflops"] = peaks
     result["utilisation"] = {ph: flops[ph] / base["phases"][ph] / 1e12 / peaks["bfloat16"] for ph in flops}
     plot_scaling(result, out_dir / "scaling.png")
