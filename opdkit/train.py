@@ -26,6 +26,7 @@ from .diagnostics import step_diagnostics
 from .distributed import DistInfo, all_gather_objects, all_reduce_gradients, all_reduce_sum, barrier, \
     init_from_env, pad_cat, shard_bounds
 from .evaluation import decode_responses, evaluate
+from .fsdp import clip_grad_norm
 from .loss import check_teacher_supports, full_vocab_fn, teacher_candidate_logp, token_loss
 from .models import DTYPES, check_tokenizers, eos_token_ids, freeze, load_causal_lm, load_tokenizer, \
     model_vocab_size, resolve_model_path
@@ -149,6 +150,9 @@ class Distiller:
         if cfg.student.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.train()
+        self.sharded = cfg.distributed.strategy == "fsdp2"
+        if self.sharded:
+            student = self._shard(student)
         self.student = student
         self.teacher_model = teacher_model
         if teacher_model is not None:
@@ -167,6 +171,15 @@ class Distiller:
             self.vocab_size = model_vocab_size(student)
         self.eos_ids = eos_token_ids(tokenizer, student)
         self.pad_id = tokenizer.pad_token_id
+
+    def _shard(self, student):
+        from . import fsdp
+
+        s, d = self.cfg.student, self.cfg.distributed
+        self._sampler_model = fsdp.rollout_copy(student, DTYPES[s.sampling_dtype])
+        return fsdp.shard_student(student, device=s.device, compute_dtype=DTYPES[s.compute_dtype],
+                                  head_dtype=DTYPES[s.head_dtype], cpu_offload=d.cpu_offload,
+                                  reshard_after_forward=d.reshard_after_forward)
 
     def _render_kwargs(self) -> dict:
         d = self.cfg.data
@@ -203,8 +216,14 @@ class Distiller:
         from .engines import build_rollout_engine, build_teacher
 
         cfg = self.cfg
-        self.engine = build_rollout_engine(cfg, self.student, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                           vocab_size=self.vocab_size, tokenizer=self.tokenizer)
+        if self.sharded:
+            from .fsdp import GatheredRolloutEngine
+
+            self.engine = GatheredRolloutEngine(self._sampler_model, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                                vocab_size=self.vocab_size)
+        else:
+            self.engine = build_rollout_engine(cfg, self.student, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                               vocab_size=self.vocab_size, tokenizer=self.tokenizer)
         self.teacher = None
         self.k = 0
         if cfg.uses_teacher:
@@ -287,7 +306,8 @@ class Distiller:
             logp_sampled.append(out.logp_sampled.detach().cpu())
             logp_at.append(None if out.logp_at is None else out.logp_at.detach().cpu())
             entropy.append(out.entropy.cpu())
-        all_reduce_gradients([p for p in self.student.parameters() if p.requires_grad], self.dist)
+        if not self.sharded:  # FSDP reduce-scatters the gradients itself
+            all_reduce_gradients([p for p in self.student.parameters() if p.requires_grad], self.dist)
         batch = StepBatch(rollout, scores, torch.cat(logp_sampled),
                           None if logp_at[0] is None else torch.cat(logp_at), torch.cat(entropy), rewards)
         return all_reduce_sum(total, self.dist), batch
@@ -295,7 +315,7 @@ class Distiller:
     def optimizer_step(self, loss: float) -> dict:
         params = [p for p in self.student.parameters() if p.requires_grad]
         max_norm = self.cfg.optim.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = clip_grad_norm(params, max_norm)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -400,9 +420,9 @@ class Distiller:
     # -- evaluation, checkpoints, the loop -------------------------------------------------------------
 
     def evaluate(self) -> tuple[dict, list[dict]]:
-        """Held-out evaluation on rank 0 (the other ranks wait)."""
+        """Held-out evaluation on rank 0 (the other ranks wait; with fsdp2 they join its forwards' all-gathers)."""
         result: tuple[dict, list[dict]] = ({}, [])
-        if self.dist.is_main and self.eval_set:
+        if (self.dist.is_main or self.sharded) and self.eval_set:
             result = self._evaluate()
         barrier(self.dist)
         return result
@@ -420,6 +440,12 @@ class Distiller:
 
     def save(self, step: int) -> Path | None:
         path = None
+        if self.sharded:
+            from .fsdp import save_sharded_checkpoint
+
+            return save_sharded_checkpoint(self.run_dir, step, model=self.student, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, sampler_state=self.sampler.state_dict(),
+                                           extra={"bad_steps": self.bad_steps}, keep=self.cfg.run.keep_checkpoints)
         if self.writes:
             path = self._save(step)
         barrier(self.dist)
@@ -511,7 +537,11 @@ class Distiller:
             tracker.log(cfg.run.steps, after)
             summary["eval_after"], summary["samples_after"] = after, after_samples[:4]
         tracker.close()
-        if self.writes:
+        if self.sharded:
+            from .fsdp import export_full_model
+
+            export_full_model(self.student, self.tokenizer, self.run_dir / "final_model")
+        elif self.writes:
             save_model(self.student, self.tokenizer, self.run_dir / "final_model")
         barrier(self.dist)
         wall = time.perf_counter() - wall_start
