@@ -469,6 +469,14 @@ class Distiller:
             console.print(f"resumed from {path} (step {state['step']})")
         return int(state["step"])
 
+    def memory_table(self) -> str:
+        from .memory import format_table, table_for_run
+
+        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+        teacher_config = None if self.teacher_model is None else self.teacher_model.config
+        rows = table_for_run(self.cfg, self.student.config, teacher_config, self.dist.world_size, trainable)
+        return format_table(rows, self.dist.world_size)
+
     def _after_step(self, step: int, metrics: dict, batch: StepBatch, tracker: Tracker, view: StepView,
                     step_times: dict[str, list[float]]) -> None:
         cfg = self.cfg
@@ -509,6 +517,8 @@ class Distiller:
             before, before_samples = self.evaluate()
             tracker.log(0, before)
             summary["eval_before"], summary["samples_before"] = before, before_samples[:4]
+        if cfg.distributed.memory_table and self.dist.is_main:
+            console.print(self.memory_table(), highlight=False)
         view = StepView(cfg.run.steps, start, enabled=cfg.run.progress and self.dist.is_main)
         step_times: dict[str, list[float]] = {}
         self.completed = step = start
