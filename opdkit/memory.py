@@ -84,9 +84,10 @@ def memory_table(*, student: ModelShape, world_size: int = 1, strategy: str = "d
             ("optimizer (AdamW moments)", -(-2 * trainable * pb // shard), where)]
     if strategy == "fsdp2":
         gathered = DTYPE_BYTES[compute_dtype] if compute_dtype != param_dtype else pb
-        unit = max(student.layer_params() * gathered, student.root_params() * pb)
-        # the running unit plus the one prefetched for the next layer
-        rows.append(("fsdp2 gathered units (transient)", 2 * unit, "device"))
+        # the root unit (embedding + head, gathered in the head's dtype = the master dtype by default) stays
+        # gathered from forward to backward; of the layers, the running one and the one prefetched
+        unit = student.root_params() * pb + 2 * student.layer_params() * gathered
+        rows.append(("fsdp2 gathered units (transient)", unit, "device"))
     sb = DTYPE_BYTES[sampling_dtype]
     copies = strategy == "fsdp2" or sampling_dtype != param_dtype  # else the sampler uses the trained module
     rows.append(("sampler copy of the student", n * sb if copies else 0, "device"))

@@ -92,7 +92,7 @@ def test_memory_table_arithmetic_by_hand():
                                                   max_len=10, param_dtype="float32", sampling_dtype="bfloat16",
                                                   compute_dtype="bfloat16"))
     assert rows["student weights"] == 1992 * 4 // 4 and rows["optimizer (AdamW moments)"] == 2 * 1992
-    assert rows["fsdp2 gathered units (transient)"] == 2 * 808 * 4  # root (fp32) > one bf16 layer
+    assert rows["fsdp2 gathered units (transient)"] == 808 * 4 + 2 * 592 * 2  # fp32 root + two bf16 layers
     assert rows["sampler copy of the student"] == 1992 * 2
     assert rows["rollout KV cache"] == 3 * 10 * (2 * 2 * 1 * 4 * 2)  # rows * tokens * (k+v) * layers * kv * hd * 2B
     ddp = dict((w, b) for w, b, _ in memory_table(student=s, world_size=4, strategy="ddp"))
