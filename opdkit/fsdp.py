@@ -73,7 +73,9 @@ def shard_student(model, *, device: str, compute_dtype: torch.dtype | None, head
     Mixed precision follows the student's dtypes: decoder layers are gathered in ``compute_dtype`` when it
     differs from the master weights (halving all-gather traffic; autocast computes in it anyway), the root
     unit (embedding + head) in ``head_dtype`` so the vocabulary projection keeps its precision. Gradients are
-    reduced in fp32.
+    reduced in fp32. Layer inputs are not cast (``cast_forward_inputs=False``): the residual stream stays in
+    the dtype autocast leaves it in (fp32), as without sharding; casting it to bf16 at every layer moved the
+    demo's first-step loss by 0.4%.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard, \
@@ -85,7 +87,7 @@ def shard_student(model, *, device: str, compute_dtype: torch.dtype | None, head
 
     def policy(dtype):
         gathered = dtype if dtype is not None and dtype != master else None
-        return MixedPrecisionPolicy(param_dtype=gathered, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=gathered, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in decoder_layers(model):
