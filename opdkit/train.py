@@ -33,6 +33,7 @@ from .rollout import Rollout
 from .scoring import TeacherScores
 from .student import student_forward
 from .tracking import StepView, Tracker, console, format_metrics
+from .hardware import configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, *, student=None, teacher_model=None, tokenizer=None,
                  teacher_tokenizer=None, log_to_disk: bool = True):
         self.cfg = cfg
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        configure_threads(cfg.run.threads)
         self.dist: DistInfo = init_from_env()
         if cfg.rollout.prompts_per_step % self.dist.world_size:
             raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the "

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError, TeacherConfig, from_dict
+from ..hardware import resolve_config
 from ..scoring import TeacherScores
 
 
@@ -40,6 +41,7 @@ def route_teacher_configs(cfg) -> dict[str, TeacherConfig]:
         else:
             raise ConfigError(f"{key} must be a teacher path or a mapping of teacher fields, got {spec!r}")
         t = from_dict(TeacherConfig, fields, prefix=key + ".")
+        resolve_config(t)  # a route may set its own dtype, auto included
         if t.engine == "server" and not t.url:
             raise ConfigError(f"{key}: engine server needs url, e.g. {{engine: server, url: http://host:8000/v1}}")
         if t.engine != "server" and not t.path:

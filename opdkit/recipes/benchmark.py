@@ -35,6 +35,7 @@ from ..rollout import sample
 from ..tracking import console
 from .common import ModelConfig, Progress, PromptsConfig, load_recipe_prompts, write_json, write_rows
 from .rollout import slot_seed
+from ..hardware import configure_threads
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -180,8 +181,7 @@ def evaluate_benchmark(model, tokenizer, spec: dict, cfg: EvalRecipeConfig, *, e
 
 
 def run_eval(cfg: EvalRecipeConfig) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads)
     specs = benchmark_specs(cfg)
     model_dir = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..config import ConfigError, _help
+from ..config import AUTO_DTYPE_HELP, ConfigError, Dtype, _help
 from ..data import DatasetError, PromptSet, _check_messages, load_prompts, normalise_row, read_rows
 from ..tracking import console
 
@@ -34,7 +34,7 @@ def has_answer_instruction(text: str) -> bool:
 @dataclass
 class ModelConfig:
     path: str = _help("HF model directory, .gguf file or bundled name (e.g. smollm2-135m-instruct)", default="")
-    dtype: Literal["float32", "bfloat16"] = _help("dtype of the weights used for sampling", default="bfloat16")
+    dtype: Dtype = _help("dtype of the weights used for sampling" + AUTO_DTYPE_HELP, default="auto")
     device: str = _help("cpu, cuda, cuda:1", default="cpu")
 
     def validate(self, section: str = "model") -> None:

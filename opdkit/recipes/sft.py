@@ -36,13 +36,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
-from ..config import ConfigError, _help, dump_yaml
+from ..config import AUTO_DTYPE_HELP, ConfigError, Dtype, _help, dump_yaml
 from ..data import DatasetError, PromptSampler, _check_messages, _lookup, read_rows
 from ..models import DTYPES, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
 from ..scoring import decoder_and_head
 from ..student import StudentHead
 from ..tracking import StepView, Tracker, console, format_metrics
 from ..train import make_optimizer
+from ..hardware import configure_threads
 
 # --------------------------------------------------------------------------------------------------
 # Tokenisation with an assistant-token mask
@@ -227,8 +228,8 @@ def sft_loss(model, batch: Batch, *, vocab_size: int, chunk_size: int = 1024,
 @dataclass
 class SFTModelConfig:
     path: str = _help("HF model directory, .gguf file or bundled name of the model to fine-tune", default="")
-    param_dtype: Literal["float32", "bfloat16"] = _help("dtype of the trained (master) weights", default="float32")
-    compute_dtype: Literal["float32", "bfloat16"] = _help("autocast dtype of the forward", default="bfloat16")
+    param_dtype: Dtype = _help("dtype of the trained (master) weights; auto: float32", default="auto")
+    compute_dtype: Dtype = _help("autocast dtype of the forward" + AUTO_DTYPE_HELP, default="auto")
     gradient_checkpointing: bool = _help("recompute decoder activations in backward to save memory", default=False)
     device: str = _help("cpu, cuda, cuda:1", default="cpu")
 
@@ -347,8 +348,7 @@ def load_sequences(cfg: SFTDataConfig, tokenizer) -> tuple[list[Sequence], dict]
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig, *, model=None, tokenizer=None):
         self.cfg = cfg
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        configure_threads(cfg.run.threads)
         if model is None:
             path = resolve_model_path(cfg.model.path)
             tokenizer = load_tokenizer(path)
