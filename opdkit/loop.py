@@ -42,6 +42,11 @@ from .config import ConfigError, dump_yaml
 from .tracking import StepView, Tracker, console, format_metrics, read_metrics
 
 
+def say(text: str) -> None:
+    # One unbroken line per message: paths stay whole and logs stay greppable.
+    console.print(text, soft_wrap=True, highlight=False)
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -146,7 +151,7 @@ def prepare_run_dir(run_dir: Path, option: str = "run.out_dir") -> None:
     check_writable(run_dir, option)
     removed = remove_partial_writes(run_dir)
     if removed:
-        console.print(f"[yellow]removed {removed} unfinished checkpoint write(s) in {run_dir} left by a killed run[/]")
+        say(f"[yellow]removed {removed} unfinished checkpoint write(s) in {run_dir} left by a killed run[/]")
 
 
 # -- the recipe interface -------------------------------------------------------------------------------
@@ -264,9 +269,9 @@ class TrainingLoop:
             optim = apply_update(params, r.optimizer, r.scheduler, loss, self.s.max_grad_norm)
             self.updating = False
             r.bad_steps = r.bad_steps + 1 if optim["optim/skipped"] else 0
+            self.partial = {self.s.loss_key: loss if not optim["optim/skipped"] else float("nan"), **optim}
             r.completed = step
         if not optim["optim/skipped"] and not weights_finite(params):
-            self.partial = {self.s.loss_key: loss, **optim}
             last = self._last_checkpoint()
             raise TrainingDiverged(
                 f"step {step}: the update made the weights non-finite (loss={loss}, grad_norm="
@@ -278,13 +283,12 @@ class TrainingLoop:
         s, r = self.s, self.r
         loss, finish = r.forward_backward(step)
         optim = self._commit(step, loss)
-        self.partial = {s.loss_key: loss if not optim["optim/skipped"] else float("nan"), **optim}
         metrics, batch = finish(optim)
         if optim["optim/skipped"]:
             # The loss of a skipped step trained nothing; log it as what it is.
             metrics[s.loss_key] = float("nan")
             if s.is_main:
-                console.print(f"[yellow]step {step}: non-finite loss or gradient (loss={loss}, grad_norm="
+                say(f"[yellow]step {step}: non-finite loss or gradient (loss={loss}, grad_norm="
                               f"{optim['optim/grad_norm']}); step skipped[/]")
             if r.bad_steps > s.max_bad_steps:
                 self._log(tracker, step, metrics)
@@ -325,18 +329,18 @@ class TrainingLoop:
         r = self.r
         if not r.log_to_disk or r.completed <= max(self.saved_step, self.start):
             if self.s.is_main and self.saved_step > 0 and r.log_to_disk:
-                console.print(f"[yellow]{why}: the last completed step {r.completed} is already saved; continue "
+                say(f"[yellow]{why}: the last completed step {r.completed} is already saved; continue "
                               f"with run.resume=true[/]")
             return
         try:
             path = self._save(r.completed)
         except KeyboardInterrupt:
             last = self._last_checkpoint()
-            console.print(f"[red]{why}, then interrupted again while saving: NO checkpoint was written for step "
+            say(f"[red]{why}, then interrupted again while saving: NO checkpoint was written for step "
                           f"{r.completed}; the newest one on disk is {last or 'none'}[/]")
             raise
         if self.s.is_main:
-            console.print(f"[yellow]{why}: checkpoint of step {r.completed} saved at {path}; continue with "
+            say(f"[yellow]{why}: checkpoint of step {r.completed} saved at {path}; continue with "
                           f"run.resume=true[/]")
 
     def _rewind(self, sampler_before: dict, step: int) -> None:
@@ -361,9 +365,9 @@ class TrainingLoop:
         for path in candidates:
             problem = verify_checkpoint(path)
             if problem:
-                damaged.append(f"{path.name} ({problem})")
+                damaged.append((path.name, problem))
                 if s.is_main:
-                    console.print(f"[yellow]checkpoint {path} is damaged: {problem}; trying the previous one[/]")
+                    say(f"[yellow]checkpoint {path} is damaged: {problem}; trying the previous one[/]")
                 continue
             try:
                 state = r.load(path)
@@ -378,18 +382,18 @@ class TrainingLoop:
             break
         else:
             raise ConfigError(f"run.resume=true but no checkpoint in {r.run_dir}/checkpoints is intact: "
-                              f"{'; '.join(damaged)}")
+                              f"{'; '.join(f'{name} ({why})' for name, why in damaged)}")
         start = int(state["step"])
         if s.resume_override:
             reapply_hyperparameters(r.optimizer, r.scheduler, fresh, fresh_base)
         r.completed = start
         r.after_restore()
         if s.is_main:
-            note = f" (the newest intact checkpoint; skipped {', '.join(damaged)})" if damaged else ""
-            console.print(f"resumed from {path} (step {start}){note}")
+            note = f" (the newest intact checkpoint; skipped {', '.join(n for n, _ in damaged)})" if damaged else ""
+            say(f"resumed from {path} (step {start}){note}")
             for key, (old, value) in changes.items():
                 kind = "applied" if key in s.cadence_keys else "applied (run.resume_override=true)"
-                console.print(f"resume at step {start}: {key} {old!r} -> {value!r} {kind}")
+                say(f"resume at step {start}: {key} {old!r} -> {value!r} {kind}")
         if changes and r.writes:
             with (r.run_dir / "config_history.jsonl").open("a") as fh:
                 fh.write(json.dumps({"resumed_at_step": start, "override": bool(s.resume_override),
@@ -438,6 +442,7 @@ class TrainingLoop:
             raise
         except TrainingDiverged:
             view.close()
+            self._log_partial(tracker, {"optim/nonfinite_weights": 1.0})
             tracker.close()
             raise
         except Exception as e:
@@ -448,7 +453,7 @@ class TrainingLoop:
                 if not s.distributed and not self.updating:
                     self._save_on_exit(f"stopped by an error at step {step} ({type(e).__name__})")
             except Exception as save_error:  # the original error is the one to report
-                console.print(f"[red]could not save a checkpoint after the error: {save_error}[/]")
+                say(f"[red]could not save a checkpoint after the error: {save_error}[/]")
             finally:
                 tracker.close()
             raise
@@ -467,10 +472,10 @@ class TrainingLoop:
         return LoopResult(start, before, samples_before, after, samples_after, history,
                           time.perf_counter() - wall_start)
 
-    def _log_partial(self, tracker: Tracker) -> None:
-        """The row of a step that completed its update but was interrupted before its metrics were written."""
+    def _log_partial(self, tracker: Tracker, flag: dict | None = None) -> None:
+        """The row of a step that completed its update but was stopped before its metrics were written."""
         if self.r.completed > self.logged_step and self.partial:
-            tracker.log(self.r.completed, {**self.partial, "interrupted": 1.0})
+            tracker.log(self.r.completed, {**self.partial, **(flag or {"interrupted": 1.0})})
             self.logged_step = self.r.completed
 
 

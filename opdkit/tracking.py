@@ -31,7 +31,8 @@ def read_jsonl_rows(path: Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             if lineno == len(lines):
-                console.print(f"[yellow]{path}: dropped a torn last line {lineno} (a crash while it was written)[/]")
+                console.print(f"[yellow]{path}: dropped a torn last line {lineno} (a crash while it was written)[/]",
+                              soft_wrap=True, highlight=False)
                 continue
             raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}); only a torn last line is dropped "
                              f"automatically: repair or delete that line") from None
