@@ -356,3 +356,108 @@ def test_resuming_a_finished_run_keeps_the_before_numbers_and_logs_no_duplicate_
     for key in ("eval_before", "eval_after", "reverse_kl_before", "reverse_kl_after", "accuracy_before"):
         assert again[key] == first[key], key
     assert logged_steps(tmp_path / "run") == [0, 1, 1]  # before-eval, step 1, after-eval: once each
+
+
+# -- 6. a served teacher that answers 200 with the wrong body -------------------------------------------------
+
+class _Resp:
+    def __init__(self, body):
+        self.status_code, self.body = 200, body
+        self.text = body if isinstance(body, str) else json.dumps(body)
+
+    def json(self):
+        if isinstance(self.body, str):
+            return json.loads(self.body)  # raises a ValueError, as requests does
+        return self.body
+
+
+class _Session:
+    """Answers /models and /tokenize correctly and /completions with ``completions``."""
+
+    def __init__(self, tokenizer, models=None, completions=None):
+        self.tokenizer, self.models, self.completions = tokenizer, models, completions
+
+    def request(self, method, url, json=None, timeout=None):
+        if url.endswith("/models"):
+            return _Resp(self.models if self.models is not None else {"data": [{"id": "t"}]})
+        if url.endswith("/tokenize"):
+            return _Resp({"tokens": self.tokenizer(json["prompt"], add_special_tokens=False)["input_ids"]})
+        return _Resp(self.completions)
+
+
+def _server_teacher(tokenizer, session):
+    from opdkit.config import TeacherConfig
+    from opdkit.engines.server import ServerTeacher
+
+    return ServerTeacher(TeacherConfig(engine="server", url="http://t:8000/v1"), tokenizer=tokenizer,
+                         vocab_size=len(tokenizer), session=session)
+
+
+def test_a_served_teacher_answering_non_json_names_the_url(tokenizer):
+    with pytest.raises(ServerError, match=r"teacher server http://t:8000/v1/models answered HTTP 200 with a body "
+                                          r"that is not JSON \('<html>hello'\): teacher.url must be"):
+        _server_teacher(tokenizer, _Session(tokenizer, models="<html>hello"))
+
+
+def test_a_served_teacher_answering_without_choices_names_the_url_and_endpoint(tokenizer):
+    teacher = _server_teacher(tokenizer, _Session(tokenizer, completions={"object": "error"}))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    with pytest.raises(ServerError, match=r"teacher server http://t:8000/v1/completions answered without 'choices' "
+                                          r"\(keys: object\)"):
+        teacher.score([[5, 6, 7]], torch.tensor([[8, 9]]), mask, k=0)
+
+
+# -- 7. data errors: rows counted from 1, mapped columns that do not exist, the probe's hint -------------------
+
+def test_rows_count_from_1_like_jsonl_lines(tmp_path, tokenizer):
+    from opdkit.data import DatasetError, load_prompts
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"text": "c"}])
+    with pytest.raises(DatasetError, match=r"d.jsonl, row 3: no prompt found"):  # the third row, line 3
+        load_prompts(path, tokenizer)
+
+
+def test_a_mapped_column_that_does_not_exist_is_named(tmp_path, tokenizer):
+    from opdkit.data import DatasetError, load_prompts
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "solution": "1"}])
+    with pytest.raises(DatasetError, match=r"d.jsonl: columns maps answer to the column 'nonexist', which does not "
+                                           r"exist in any row; columns present: prompt, solution"):
+        load_prompts(path, tokenizer, columns={"answer": "nonexist"}, columns_option="columns")
+
+
+def test_the_probe_without_answers_hints_at_mapping_the_answer_column():
+    from opdkit.probe import ProbeThresholds, decide
+    from tests.test_probe import _numbers
+
+    reasons = " ".join(decide(_numbers(accuracy=None), ProbeThresholds())["reasons"])
+    assert "the prompts have no answers" in reasons and "map it with columns={answer: <column>}" in reasons
+
+
+# -- the same loop drives SFT ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,completed,expected", [("forward_backward", 2, "step_000002"),
+                                                       ("step_samples", 3, "step_000003")],
+                         ids=["before_the_update", "after_the_update"])
+def test_sft_interrupted_anywhere_resumes_exactly(tiny_dirs, tmp_path, monkeypatch, method, completed, expected):
+    from opdkit.recipes.sft import SFTConfig, SFTTrainer
+    from tests.test_recipes_sft import _overrides
+
+    rows = [{"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]}
+            for a in range(4) for b in range(3)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+
+    def trainer(out, **extra):
+        return SFTTrainer(load_config(SFTConfig, None, _overrides(tiny_dirs["student"], data, out, **extra)))
+
+    straight = trainer(tmp_path / "a")
+    straight.run()
+    monkeypatch.setattr(SFTTrainer, method, _raise_at_step_3(getattr(SFTTrainer, method), completed=completed))
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "b").run()
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "b").name == expected
+    resumed = trainer(tmp_path / "b", **{"run.resume": True})
+    resumed.run()
+    torch.testing.assert_close(params(resumed.model), params(straight.model), rtol=0, atol=0)
+    assert logged_steps(tmp_path / "b") == [1, 2, 3, 4]

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from ..config import ConfigError, _help, dump_yaml
 from ..loop import LoopSettings, TrainingLoop, prepare_run_dir
-from ..data import DatasetError, PromptSampler, _check_messages, _lookup, read_rows
+from ..data import DatasetError, PromptSampler, _check_messages, _lookup, read_rows, row_label
 from ..models import DTYPES, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
 from ..scoring import decoder_and_head
 from ..student import StudentHead
@@ -331,7 +331,7 @@ def load_sequences(cfg: SFTDataConfig, tokenizer) -> tuple[list[Sequence], dict]
         raise DatasetError(f"{cfg.train}: the dataset has no rows")
     sequences, skipped = [], 0
     for i, row in enumerate(rows):
-        where = f"{cfg.train}, row {i}"
+        where = row_label(cfg.train, i)
         messages = conversation(row, cfg.columns, cfg.system_prompt, where)
         try:
             ids, trained = assistant_token_mask(tokenizer, messages, cfg.chat_template_kwargs, cfg.assistant_turns)
