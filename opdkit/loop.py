@@ -289,7 +289,7 @@ class TrainingLoop:
             metrics[s.loss_key] = float("nan")
             if s.is_main:
                 say(f"[yellow]step {step}: non-finite loss or gradient (loss={loss}, grad_norm="
-                              f"{optim['optim/grad_norm']}); step skipped[/]")
+                    f"{optim['optim/grad_norm']}); step skipped[/]")
             if r.bad_steps > s.max_bad_steps:
                 self._log(tracker, step, metrics)
                 last = self._last_checkpoint()
@@ -328,20 +328,22 @@ class TrainingLoop:
         """The checkpoint of the last completed step, on the way out of an interrupted or failed run."""
         r = self.r
         if not r.log_to_disk or r.completed <= max(self.saved_step, self.start):
-            if self.s.is_main and self.saved_step > 0 and r.log_to_disk:
+            if self.s.is_main and r.log_to_disk and r.completed == 0:
+                say(f"[yellow]{why} before the first step completed: nothing to save[/]")
+            elif self.s.is_main and r.log_to_disk:
                 say(f"[yellow]{why}: the last completed step {r.completed} is already saved; continue "
-                              f"with run.resume=true[/]")
+                    f"with run.resume=true[/]")
             return
         try:
             path = self._save(r.completed)
         except KeyboardInterrupt:
             last = self._last_checkpoint()
             say(f"[red]{why}, then interrupted again while saving: NO checkpoint was written for step "
-                          f"{r.completed}; the newest one on disk is {last or 'none'}[/]")
+                f"{r.completed}; the newest one on disk is {last or 'none'}[/]")
             raise
         if self.s.is_main:
             say(f"[yellow]{why}: checkpoint of step {r.completed} saved at {path}; continue with "
-                          f"run.resume=true[/]")
+                f"run.resume=true[/]")
 
     def _rewind(self, sampler_before: dict, step: int) -> None:
         if self.r.completed < step:  # the step in flight never reached the update: forget its batch
@@ -424,6 +426,7 @@ class TrainingLoop:
         history: list[dict] = []
         r.completed = step = start
         self.logged_step = start
+        sampler_before = r.sampler.state_dict()
         try:
             with self.signals():
                 for step in range(start + 1, s.total_steps + 1):
@@ -475,7 +478,7 @@ class TrainingLoop:
     def _log_partial(self, tracker: Tracker, flag: dict | None = None) -> None:
         """The row of a step that completed its update but was stopped before its metrics were written."""
         if self.r.completed > self.logged_step and self.partial:
-            tracker.log(self.r.completed, {**self.partial, **(flag or {"interrupted": 1.0})})
+            tracker.log(self.r.completed, {**self.partial, **(flag or {"run/interrupted": 1.0})})
             self.logged_step = self.r.completed
 
 

@@ -108,7 +108,7 @@ def test_interrupt_inside_diagnostics_keeps_the_applied_step(tiny_dirs, prompts,
     assert "interrupted: checkpoint of step 3 saved" in capsys.readouterr().err
     assert latest_checkpoint(tmp_path / "run").name == "step_000003"
     row3 = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row3["step"] == 3 and row3["interrupted"] == 1.0 and row3["optim/skipped"] == 0.0
+    assert row3["step"] == 3 and row3["run/interrupted"] == 1.0 and row3["optim/skipped"] == 0.0
     resume_and_compare(tiny_dirs, prompts, tmp_path / "run", reference)
 
 
