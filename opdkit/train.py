@@ -1,8 +1,10 @@
 """The OPD loop: prompts -> rollout -> teacher scoring -> token losses and diagnostics -> optimizer step.
 
-``Distiller`` builds the pieces once (models, data, engines, optimizer) and ``opd_step`` composes one step
-from the stage modules. Everything a resumed run needs lives in the checkpoint, and per-step seeds are
-derived from ``run.seed`` and the step index, so an interrupted and resumed run matches an uninterrupted one.
+``Distiller`` builds the pieces once (models, data, engines, optimizer); ``forward_backward`` is its step
+function, which ``loop.TrainingLoop`` drives (update, checkpoints, interrupts, NaN guard, eval cadence), and
+``opd_step`` composes one whole step outside the loop. Everything a resumed run needs lives in the checkpoint,
+and per-step seeds are derived from ``run.seed`` and the step index, so an interrupted and resumed run matches
+an uninterrupted one.
 """
 
 from __future__ import annotations
