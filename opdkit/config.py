@@ -194,6 +194,9 @@ class RunConfig:
     save_every: int = _help("checkpoint every N steps (0: only at the end and on Ctrl-C)", default=0)
     keep_checkpoints: int = _help("how many checkpoints to keep", default=2)
     resume: bool = _help("continue from the last checkpoint in out_dir", default=False)
+    resume_override: bool = _help("on resume, apply changed non-cadence keys (e.g. optim.lr) instead of "
+                                  "refusing them; each change is recorded in config_history.jsonl",
+                                  default=False)
     log_samples: int = _help("rollouts written to samples.jsonl per step", default=2)
     tensorboard: bool = _help("write TensorBoard event files", default=True)
     threads: Optional[int] = _help("torch CPU threads (default: this process's share of the cores: all of them, "

@@ -334,7 +334,8 @@ def decide(r: dict, th: ProbeThresholds) -> dict:
                        f"capability not judged")
     else:
         reasons.append("the prompts have no answers: the new-capability condition (§3.2) cannot be checked; "
-                       "watch held-out accuracy early in training")
+                       "watch held-out accuracy early in training. If the answers are in another column, map it "
+                       "with columns={answer: <column>}")
 
     if misaligned:
         recipe.append("probe again with the aligned template: the overlap and capability numbers above were "
@@ -478,7 +479,8 @@ class TeacherRun:
 
 
 def _sample_examples(cfg: ProbeConfig, tokenizer) -> list[Example]:
-    examples = load_prompts(cfg.prompts, tokenizer, columns=cfg.columns, prompt_suffix=cfg.prompt_suffix,
+    examples = load_prompts(cfg.prompts, tokenizer, columns=cfg.columns, columns_option="columns",
+                            prompt_suffix=cfg.prompt_suffix,
                             system_prompt=cfg.system_prompt, chat_template_kwargs=cfg.chat_template_kwargs,
                             max_prompt_length=cfg.max_prompt_length).examples
     if len(examples) <= cfg.n_prompts:

@@ -86,7 +86,7 @@ class RoutedTeacher:
     def check_sources(self, sources: list[str], rows: list[int] | None = None, where: str = "the data") -> None:
         for i, value in enumerate(sources):
             if value not in self.teachers:
-                row = f" row {rows[i]}" if rows is not None else ""
+                row = f" row {rows[i] + 1}" if rows is not None else ""  # counted from 1, as data.row_label
                 raise ValueError(
                     f"{where}{row} has {self.column}={value!r}, which has no teacher: teacher.route has teachers "
                     f"for {', '.join(map(repr, self.teachers))}. Add a teacher for it or remove those rows")

@@ -28,7 +28,7 @@ import torch
 
 from ..answers import extract_answer, score_response
 from ..config import ConfigError, _help
-from ..data import DatasetError
+from ..data import DatasetError, row_label
 from ..evaluation import decode_responses
 from ..models import eos_token_ids, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
 from ..rollout import sample
@@ -140,7 +140,7 @@ def evaluate_benchmark(model, tokenizer, spec: dict, cfg: EvalRecipeConfig, *, e
     examples = prompts.examples
     missing = [ex.index for ex in examples if ex.answer is None]
     if missing:
-        raise DatasetError(f"{spec['path']}, row {missing[0]}: no reference answer; map the column, e.g. "
+        raise DatasetError(f"{row_label(spec['path'], missing[0])}: no reference answer; map the column, e.g. "
                            f"benchmarks=[{{path: {spec['path']}, columns: {{answer: solution}}}}]")
     s = cfg.sampling
     slots = [(i, j) for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt_ids))

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, _help
-from ..data import read_rows
+from ..data import read_rows, row_label
 from ..models import cache_root
 from ..tracking import console
 from .common import check_output_path, write_json, write_rows
@@ -200,7 +200,7 @@ def run_dedup(cfg: DedupConfig) -> dict:
     def questions(rs, columns, path, side):
         out = []
         for i, r in enumerate(rs):
-            q, how = bare_question(r, columns, cfg.question_field, f"{path}, row {i}")
+            q, how = bare_question(r, columns, cfg.question_field, row_label(path, i))
             found[side][how or "no template"] = found[side].get(how or "no template", 0) + 1
             out.append(q)
         return out
