@@ -122,3 +122,74 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state
+
+
+# -- verification, fallback and cleanup (resume) ------------------------------------------------------------
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (``trainer_state.pt`` written), newest step first."""
+    root = Path(run_dir) / CHECKPOINTS
+    return sorted((p for p in root.glob("step_*") if (p / "trainer_state.pt").is_file()), reverse=True)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether the header parses and the file is as long as the header says (a truncated file is not)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return f"{path.name} is truncated ({size} bytes, header of {n})"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        return f"{path.name} has an unreadable header ({e})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"{path.name} is truncated ({size} bytes, {8 + n + end} expected)"
+    return None
+
+
+def _zip_problem(path: Path) -> str | None:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:  # torch.save writes a zip whose directory is at the end
+            zf.infolist()
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"{path.name} is unreadable ({e})"
+    return None
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with a checkpoint directory, or None if its files are whole (cheap: no tensor is read)."""
+    path = Path(path)
+    if (path / "dcp").is_dir():  # sharded (distributed.strategy=fsdp2): DCP writes .metadata after every shard
+        if not (path / "dcp" / ".metadata").is_file() or not list((path / "dcp").glob("*.distcp")):
+            return "incomplete sharded checkpoint (dcp/.metadata or dcp/*.distcp missing)"
+        return _zip_problem(path / "trainer_state.pt")
+    shards = sorted((path / "model").glob("*.safetensors"))
+    adapter = path / "adapter_state.pt"
+    if not shards and not adapter.is_file():
+        return "no model weights (model/*.safetensors)"
+    for shard in shards:
+        problem = _safetensors_problem(shard)
+        if problem:
+            return problem
+    for f in ([adapter] if adapter.is_file() else []) + [path / "trainer_state.pt"]:
+        problem = _zip_problem(f)
+        if problem:
+            return problem
+    return None
+
+
+def remove_partial_writes(run_dir: Path) -> int:
+    """Delete the hidden temporary directories a kill during a checkpoint write leaves; return how many."""
+    root = Path(run_dir) / CHECKPOINTS
+    stale = list(root.glob(".tmp-*")) if root.is_dir() else []
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(stale)

@@ -125,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"opdkit {args.command}: config error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from .loop import Preempted
+
+        if isinstance(e, Preempted):  # SIGTERM: the conventional 128 + signal number
+            print(f"opdkit {args.command}: stopped by {e.args[0]}", file=sys.stderr)
+            return 128 + e.signum
         print(f"opdkit {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # user-facing errors with clear messages; tracebacks with -v

@@ -31,6 +31,11 @@ def _help(text: str, **kw) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
+# Every dtype key of every command takes this type; ``auto`` is resolved by opdkit.hardware when the config loads.
+Dtype = Literal["auto", "float32", "bfloat16"]
+AUTO_DTYPE_HELP = "; auto: bfloat16 where this device computes it natively and fast, else float32"
+
+
 # --------------------------------------------------------------------------------------------------
 # Stage configs, in the order a training step uses them.
 # --------------------------------------------------------------------------------------------------
@@ -39,14 +44,14 @@ def _help(text: str, **kw) -> Any:
 @dataclass
 class StudentConfig:
     path: str = _help("HF model directory, .gguf file or bundled name of the student", default="")
-    param_dtype: Literal["float32", "bfloat16"] = _help("dtype of the trained (master) weights", default="float32")
-    compute_dtype: Literal["float32", "bfloat16"] = _help(
-        "autocast dtype of the training forward (bfloat16 is ~2x faster on CPUs with AVX512-BF16)", default="bfloat16")
-    sampling_dtype: Literal["float32", "bfloat16"] = _help(
-        "dtype of the sampling copy of the student, re-synced after every optimizer step", default="bfloat16")
-    head_dtype: Literal["float32", "bfloat16"] = _help(
-        "dtype of the student's vocabulary projection in training (log-softmax is always float32)",
-        default="float32")
+    param_dtype: Dtype = _help("dtype of the trained (master) weights; auto: float32", default="auto")
+    compute_dtype: Dtype = _help("autocast dtype of the training forward" + AUTO_DTYPE_HELP, default="auto")
+    sampling_dtype: Dtype = _help(
+        "dtype of the sampling copy of the student, re-synced after every optimizer step" + AUTO_DTYPE_HELP,
+        default="auto")
+    head_dtype: Dtype = _help(
+        "dtype of the student's vocabulary projection in training (log-softmax is always float32); auto: float32",
+        default="auto")
     gradient_checkpointing: bool = _help("recompute decoder activations in backward to save memory", default=False)
     lora_rank: int = _help("train LoRA adapters of this rank (PEFT) instead of all weights; 0 = full training",
                            default=0)
@@ -65,10 +70,10 @@ class TeacherConfig:
     url: Optional[str] = _help("base URL of a served teacher, e.g. http://127.0.0.1:8000/v1", default=None)
     served_model: Optional[str] = _help("model name the server expects (default: first model it lists)",
                                         default=None)
-    dtype: Literal["float32", "bfloat16"] = _help("dtype of the teacher weights", default="bfloat16")
-    head_dtype: Literal["float32", "bfloat16"] = _help(
-        "dtype of the teacher's vocabulary projection; float32 avoids bf16 quantisation of log-ratios",
-        default="float32")
+    dtype: Dtype = _help("dtype of the teacher weights" + AUTO_DTYPE_HELP, default="auto")
+    head_dtype: Dtype = _help(
+        "dtype of the teacher's vocabulary projection; float32 avoids bf16 quantisation of log-ratios; auto: float32",
+        default="auto")
     temperature: float = _help("teacher logits are divided by this before the softmax", default=1.0)
     chat_template: Literal["student", "own"] = _help(
         "student: teacher sees the student's rendered prompt; own: the prompt is re-rendered with the "
@@ -84,8 +89,8 @@ class TeacherConfig:
     concurrency: int = _help("served teacher: requests in flight at once", default=4)
     vllm_gpu_memory_utilization: float = _help("in-process vLLM teacher: fraction of GPU memory (GPU only)",
                                                default=0.3)
-    vllm_kv_cache_gib: int = _help("in-process vLLM teacher on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)",
-                                   default=2)
+    vllm_kv_cache_gib: int = _help("in-process vLLM teacher on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); "
+                                   "0: a tenth of this machine's memory, 1-16 GiB", default=0)
 
 
 @dataclass
@@ -122,7 +127,8 @@ class RolloutConfig:
     min_new_tokens: int = _help("EOS is suppressed before this many tokens (fixed-length benchmarks)", default=0)
     vllm_gpu_memory_utilization: float = _help("vLLM: fraction of GPU memory (GPU only)", default=0.3)
     vllm_enforce_eager: bool = _help("vLLM: skip graph capture/compilation (starts in seconds on CPU)", default=True)
-    vllm_kv_cache_gib: int = _help("vLLM on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)", default=2)
+    vllm_kv_cache_gib: int = _help("vLLM on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); 0: a tenth of this "
+                                   "machine's memory, 1-16 GiB", default=0)
     vllm_sync_tolerance: float = _help(
         "vLLM: largest mean abs log-prob difference between vLLM and the student on a probe text after a weight "
         "sync; catches a wrong or missing load (nats), not bf16 rounding (0.05-0.09 on the demo student)",
@@ -188,9 +194,13 @@ class RunConfig:
     save_every: int = _help("checkpoint every N steps (0: only at the end and on Ctrl-C)", default=0)
     keep_checkpoints: int = _help("how many checkpoints to keep", default=2)
     resume: bool = _help("continue from the last checkpoint in out_dir", default=False)
+    resume_override: bool = _help("on resume, apply changed non-cadence keys (e.g. optim.lr) instead of "
+                                  "refusing them; each change is recorded in config_history.jsonl",
+                                  default=False)
     log_samples: int = _help("rollouts written to samples.jsonl per step", default=2)
     tensorboard: bool = _help("write TensorBoard event files", default=True)
-    threads: Optional[int] = _help("torch CPU threads (default: all cores)", default=None)
+    threads: Optional[int] = _help("torch CPU threads (default: this process's share of the cores: all of them, "
+                                   "or cores / LOCAL_WORLD_SIZE per rank under torchrun)", default=None)
     progress: bool = _help("show a progress bar", default=True)
 
 
@@ -266,9 +276,9 @@ class DistillConfig:
                                   "its gathered weights into the HF sampler); serve the teacher with vLLM instead")
 
     def _validate_engines(self) -> None:
-        _positive(self, ["teacher.request_batch_size", "teacher.concurrency", "teacher.timeout",
-                         "rollout.vllm_kv_cache_gib", "teacher.vllm_kv_cache_gib"])
-        _nonnegative(self, ["teacher.max_retries", "rollout.vllm_sync_tolerance"])
+        _positive(self, ["teacher.request_batch_size", "teacher.concurrency", "teacher.timeout"])
+        _nonnegative(self, ["teacher.max_retries", "rollout.vllm_sync_tolerance", "rollout.vllm_kv_cache_gib",
+                            "teacher.vllm_kv_cache_gib"])
         if self.teacher.route:
             from .engines.routing import route_teacher_configs
 
@@ -423,8 +433,11 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> T:
-    """Build ``cls`` from defaults < ``base`` < YAML file < ``key=value`` overrides, then validate."""
+                base: dict | None = None, saved: dict | None = None) -> T:
+    """Build ``cls`` from defaults < ``base`` < YAML file < ``key=value`` overrides, validate, resolve ``auto``.
+
+    ``saved``: the resolved config of a run being resumed; ``auto`` dtypes then keep the values it used.
+    """
     data = dict(base or {})
     if path:
         try:
@@ -438,11 +451,32 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     if hasattr(cfg, "validate"):
         cfg.validate()
+    if dataclasses.is_dataclass(cfg):
+        from .hardware import resolve_config
+
+        resolve_config(cfg, saved=saved if saved is not None else _resumed_run_config(cfg))
     return cfg
 
 
+def _resumed_run_config(cfg: Any) -> dict | None:
+    """The saved ``config.yaml`` of the run that ``run.resume=true`` continues, if there is one."""
+    run = getattr(cfg, "run", None)
+    if not getattr(run, "resume", False) or not getattr(run, "out_dir", None):
+        return None
+    path = Path(run.out_dir) / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None  # no readable config: resume's own checks report what is missing
+    return saved if isinstance(saved, dict) else None
+
+
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    """The config as YAML, headed by one comment line per dtype resolved from ``auto`` and why."""
+    from .hardware import precision_lines
+
+    head = "".join(f"# {line}\n" for line in precision_lines(cfg))
+    return head + yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -85,6 +85,12 @@ def read_rows(path: str | Path) -> list[dict]:
     raise DatasetError(f"{path}: unsupported dataset format {path.suffix!r}; use .jsonl, .json or .parquet")
 
 
+def row_label(path, i: int) -> str:
+    """How errors name the row at index ``i``: rows count from 1, like the lines of a .jsonl file (where no line is
+    blank), so "row 3" is the third row."""
+    return f"{path}, row {i + 1}"
+
+
 def _lookup(row: dict, dotted: str) -> Any:
     node: Any = row
     for part in dotted.split("."):
@@ -140,6 +146,15 @@ def normalise_row(row: dict, columns: dict, where: str) -> tuple[list[dict], str
     return msgs, reference, (None if answer is None else str(answer)), ("" if source is None else str(source))
 
 
+def check_mapped_columns(rows: list[dict], columns: dict, path, option: str = "data.columns") -> None:
+    """A mapped column that no row has is a typo, not a dataset without answers: say so."""
+    for name, column in columns.items():
+        if not any(isinstance(r, dict) and _lookup(r, column) is not None for r in rows):
+            present = sorted({k for r in rows[:100] if isinstance(r, dict) for k in r})
+            raise DatasetError(f"{path}: {option} maps {name} to the column {column!r}, which does not exist in "
+                               f"any row; columns present: {', '.join(present) or 'none'}")
+
+
 def render_prompt(tokenizer, messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
     """Token ids of the conversation followed by the assistant generation prompt (template applied once)."""
     if getattr(tokenizer, "chat_template", None):
@@ -164,16 +179,17 @@ class PromptSet:
 def load_prompts(path: str | Path, tokenizer, *, columns: dict | None = None, prompt_suffix: str = "",
                  system_prompt: str | None = None, chat_template_kwargs: dict | None = None,
                  max_prompt_length: int = 1024, long_prompts: str = "skip", limit: int | None = None,
-                 rows: list[dict] | None = None) -> PromptSet:
+                 rows: list[dict] | None = None, columns_option: str = "data.columns") -> PromptSet:
     """Load and render a prompt file. Over-long prompts are skipped (and counted) or raise, by ``long_prompts``."""
     rows = read_rows(path) if rows is None else rows
     if limit is not None:
         rows = rows[:limit]
     if not rows:
         raise DatasetError(f"{path}: the dataset has no rows")
+    check_mapped_columns(rows, columns or {}, path, columns_option)
     examples, skipped = [], 0
     for i, row in enumerate(rows):
-        where = f"{path}, row {i}"
+        where = row_label(path, i)
         if not isinstance(row, dict):
             raise DatasetError(f"{where}: expected an object, got {type(row).__name__}")
         msgs, reference, answer, source = normalise_row(row, columns or {}, where)

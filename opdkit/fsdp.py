@@ -117,6 +117,22 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     return float(norm)
 
 
+def local_shards(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+    """This rank's part of each parameter (detached), and whether any was sharded."""
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
+    return local, any(hasattr(p, "to_local") for p in params)
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """``flag`` AND-ed over ranks, so a check on local shards gives every rank the same answer."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t) == 0.0
+
+
 # -- rollouts -------------------------------------------------------------------------------------------
 
 

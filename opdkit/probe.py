@@ -35,7 +35,7 @@ import torch
 from . import objectives as obj
 from .answers import score_response
 from .compat import compare_special_tokens, compare_templates, think_fraction, thinking_support
-from .config import ConfigError, _help, load_config
+from .config import AUTO_DTYPE_HELP, ConfigError, Dtype, _help, load_config
 from .data import Example, load_prompts, render_prompt
 from .diagnostics import (BINNED, auroc, masked_mean, overlap_membership, overlap_token_advantage_reference,
                           per_position_diagnostics, position_bins, reduce_diagnostics, sequence_mean_reward)
@@ -47,6 +47,7 @@ from .rollout import HFRolloutEngine, Rollout, row_seeds, sample
 from .scoring import HFTeacher, TeacherScores
 from .student import student_forward
 from .tracking import console
+from .hardware import configure_threads
 
 # Per-token reverse-KL levels (nats) whose exceedance fractions the probe reports.
 KL_LEVELS = (0.01, 0.1, 0.5, 1.0, 2.0, 5.0)
@@ -118,15 +119,14 @@ class ProbeConfig:
         "teacher.chat_template)", default="student")
     teacher_chat_template_kwargs: dict = _help("extra arguments for the teacher's chat template",
                                                default_factory=dict)
-    student_dtype: Literal["float32", "bfloat16"] = _help("dtype of the student when scoring", default="float32")
-    sampling_dtype: Literal["float32", "bfloat16"] = _help("dtype of the student's sampling copy",
-                                                           default="bfloat16")
-    teacher_dtype: Literal["float32", "bfloat16"] = _help("dtype of the teacher weights", default="bfloat16")
+    student_dtype: Dtype = _help("dtype of the student when scoring" + AUTO_DTYPE_HELP, default="auto")
+    sampling_dtype: Dtype = _help("dtype of the student's sampling copy" + AUTO_DTYPE_HELP, default="auto")
+    teacher_dtype: Dtype = _help("dtype of the teacher weights" + AUTO_DTYPE_HELP, default="auto")
     chunk_size: int = _help("positions per chunk of the vocabulary projections", default=512)
     json: str = _help("write the result JSON here (default: print it to stdout)", default="")
     dump_rollouts: str = _help("write every rollout (token ids, per-token numbers) here as JSON lines",
                                default="")
-    threads: Optional[int] = _help("torch CPU threads", default=None)
+    threads: Optional[int] = _help("torch CPU threads (default: this process's share of the cores)", default=None)
     thresholds: ProbeThresholds = field(default_factory=ProbeThresholds)
 
     @property
@@ -334,7 +334,8 @@ def decide(r: dict, th: ProbeThresholds) -> dict:
                        f"capability not judged")
     else:
         reasons.append("the prompts have no answers: the new-capability condition (§3.2) cannot be checked; "
-                       "watch held-out accuracy early in training")
+                       "watch held-out accuracy early in training. If the answers are in another column, map it "
+                       "with columns={answer: <column>}")
 
     if misaligned:
         recipe.append("probe again with the aligned template: the overlap and capability numbers above were "
@@ -478,7 +479,8 @@ class TeacherRun:
 
 
 def _sample_examples(cfg: ProbeConfig, tokenizer) -> list[Example]:
-    examples = load_prompts(cfg.prompts, tokenizer, columns=cfg.columns, prompt_suffix=cfg.prompt_suffix,
+    examples = load_prompts(cfg.prompts, tokenizer, columns=cfg.columns, columns_option="columns",
+                            prompt_suffix=cfg.prompt_suffix,
                             system_prompt=cfg.system_prompt, chat_template_kwargs=cfg.chat_template_kwargs,
                             max_prompt_length=cfg.max_prompt_length).examples
     if len(examples) <= cfg.n_prompts:
@@ -765,8 +767,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     With one teacher the result is that teacher's numbers. With several, the top-level keys are the
     best-ranked teacher's, ``ranking`` orders all of them and ``candidates`` holds every teacher's result.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads)
     start = time.perf_counter()
     s = load_student(cfg)
     results, dump = [], []

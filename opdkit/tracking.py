@@ -19,12 +19,32 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def read_jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a run's .jsonl log. A torn last line (a crash mid-write) is dropped with a warning; a bad line
+    elsewhere is an error naming the file and line."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):
+                console.print(f"[yellow]{path}: dropped a torn last line {lineno} (a crash while it was written)[/]",
+                              soft_wrap=True, highlight=False)
+                continue
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}); only a torn last line is dropped "
+                             f"automatically: repair or delete that line") from None
+    return rows
+
+
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop rows logged after ``last_step`` (a resumed run re-logs them)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [row for row in read_jsonl_rows(path) if row.get("step", 0) <= last_step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in keep))
 
 
 class Tracker:
@@ -78,7 +98,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl_rows(path)
 
 
 def format_metrics(metrics: dict, keys: list[str]) -> str:

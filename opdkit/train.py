@@ -1,8 +1,10 @@
 """The OPD loop: prompts -> rollout -> teacher scoring -> token losses and diagnostics -> optimizer step.
 
-``Distiller`` builds the pieces once (models, data, engines, optimizer) and ``opd_step`` composes one step
-from the stage modules. Everything a resumed run needs lives in the checkpoint, and per-step seeds are
-derived from ``run.seed`` and the step index, so an interrupted and resumed run matches an uninterrupted one.
+``Distiller`` builds the pieces once (models, data, engines, optimizer); ``forward_backward`` is its step
+function, which ``loop.TrainingLoop`` drives (update, checkpoints, interrupts, NaN guard, eval cadence), and
+``opd_step`` composes one whole step outside the loop. Everything a resumed run needs lives in the checkpoint,
+and per-step seeds are derived from ``run.seed`` and the step index, so an interrupted and resumed run matches
+an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,20 +28,23 @@ from .diagnostics import step_diagnostics
 from .distributed import DistInfo, all_gather_objects, all_reduce_gradients, all_reduce_sum, barrier, \
     init_from_env, pad_cat, shard_bounds
 from .evaluation import decode_responses, evaluate
-from .fsdp import clip_grad_norm
+from .loop import LoopSettings, TrainingDiverged, TrainingLoop, apply_update, prepare_run_dir
 from .loss import check_teacher_supports, full_vocab_fn, teacher_candidate_logp, token_loss
 from .models import DTYPES, check_tokenizers, eos_token_ids, freeze, load_causal_lm, load_tokenizer, \
     model_vocab_size, resolve_model_path
 from .rollout import Rollout
 from .scoring import TeacherScores
 from .student import student_forward
-from .tracking import StepView, Tracker, console, format_metrics
+from .tracking import console
+from .hardware import configure_threads
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Distiller", "TrainingDiverged", "run_distill", "step_seed"]
 
-class TrainingDiverged(RuntimeError):
-    pass
+# Keys a resumed run may change (applied and recorded); any other change needs run.resume_override=true.
+RESUME_CADENCE_KEYS = {"run.steps", "run.save_every", "run.keep_checkpoints", "run.log_samples", "run.tensorboard",
+                       "run.threads", "run.progress", "eval.every"}
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -107,8 +112,7 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, *, student=None, teacher_model=None, tokenizer=None,
                  teacher_tokenizer=None, log_to_disk: bool = True):
         self.cfg = cfg
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        configure_threads(cfg.run.threads)
         self.dist: DistInfo = init_from_env()
         if cfg.rollout.prompts_per_step % self.dist.world_size:
             raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the "
@@ -120,6 +124,8 @@ class Distiller:
                               f"continue it, or choose another run.out_dir")
         self.log_to_disk = log_to_disk  # the same on every rank; only rank 0 writes (self.writes)
         self.writes = log_to_disk and self.dist.is_main
+        if self.writes:  # an unwritable out_dir fails here, before minutes of model loading
+            prepare_run_dir(self.run_dir)
         self._load_models(student, teacher_model, tokenizer, teacher_tokenizer)
         self._load_data()
         self._build_engines()
@@ -127,6 +133,7 @@ class Distiller:
         self.sampler = PromptSampler(len(self.train_set), cfg.rollout.prompts_per_step, cfg.run.seed,
                                      cfg.data.shuffle)
         self.bad_steps = 0
+        self.completed = 0
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -312,29 +319,13 @@ class Distiller:
                           None if logp_at[0] is None else torch.cat(logp_at), torch.cat(entropy), rewards)
         return all_reduce_sum(total, self.dist), batch
 
-    def optimizer_step(self, loss: float) -> dict:
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        max_norm = self.cfg.optim.max_grad_norm or float("inf")
-        grad_norm = clip_grad_norm(params, max_norm)
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            self.bad_steps = 0
-        else:
-            self.bad_steps += 1
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        out = {"optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": 0.0 if finite else 1.0}
-        if finite:
-            self.engine.sync_weights(self.student)
-            sync = getattr(self.engine, "last_sync", None)  # engines that check their weight sync report it
-            if sync:
-                out["time/weight_sync"] = sync["push_seconds"] + sync["check_seconds"]
-                out["rollout/sync_probe_diff"] = sync["probe_mean_abs_diff"]
-        return out
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.student.parameters() if p.requires_grad]
 
-    def opd_step(self, step: int) -> tuple[dict, StepBatch]:
+    def forward_backward(self, step: int):
+        """Rollout, teacher scoring and the accumulated backward of one step; the weights are not touched.
+
+        Returns the step loss and ``finish(optim_metrics) -> (metrics, batch)``, to call after the update."""
         timer = PhaseTimer()
         indices = self.sampler.next_batch()
         with timer("rollout"):
@@ -343,9 +334,24 @@ class Distiller:
             rewards = self.outcome_rewards(rollout, texts)
         with timer("teacher"):
             scores = self.score(rollout)
-        with timer("train"):
-            loss, batch = self.update(rollout, scores, rewards)
-            optim_metrics = self.optimizer_step(loss)
+        train_start = time.perf_counter()
+        loss, batch = self.update(rollout, scores, rewards)
+
+        def finish(optim_metrics: dict) -> tuple[dict, StepBatch]:
+            timer.seconds["train"] = time.perf_counter() - train_start  # backward and the update
+            return self._finish_step(loss, batch, texts, scores, optim_metrics, timer)
+
+        return loss, finish
+
+    def _finish_step(self, loss: float, batch: StepBatch, texts: list[str], scores, optim_metrics: dict,
+                     timer: PhaseTimer) -> tuple[dict, StepBatch]:
+        optim_metrics = dict(optim_metrics)
+        if not optim_metrics["optim/skipped"]:
+            self.engine.sync_weights(self.student)
+            sync = getattr(self.engine, "last_sync", None)  # engines that check their weight sync report it
+            if sync:
+                optim_metrics["time/weight_sync"] = sync["push_seconds"] + sync["check_seconds"]
+                optim_metrics["rollout/sync_probe_diff"] = sync["probe_mean_abs_diff"]
         batch.texts = texts
         batch = self.gather(batch)
         diagnostics = {} if scores is None else step_diagnostics(
@@ -355,6 +361,15 @@ class Distiller:
                    **{f"time/{k}": v for k, v in timer.seconds.items()}}
         metrics["time/step"] = sum(timer.seconds.values())
         return metrics, batch
+
+    def opd_step(self, step: int) -> tuple[dict, StepBatch]:
+        """One whole step outside the loop (tests, benchmarks): no checkpoints, no interrupt handling."""
+        loss, finish = self.forward_backward(step)
+        optim = apply_update(self.trainable_parameters(), self.optimizer, self.scheduler, loss,
+                             self.cfg.optim.max_grad_norm)
+        self.bad_steps = self.bad_steps + 1 if optim["optim/skipped"] else 0
+        self.completed = step
+        return finish(optim)
 
     def gather(self, batch: StepBatch) -> StepBatch:
         """The whole step's batch on every rank (metrics then equal a single process's), without hidden states."""
@@ -457,17 +472,14 @@ class Distiller:
                                sampler_state=self.sampler.state_dict(), extra={"bad_steps": self.bad_steps},
                                keep=self.cfg.run.keep_checkpoints)
 
-    def restore(self) -> int:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            raise ConfigError(f"run.resume=true but {self.run_dir} has no checkpoint to resume from")
+    def load(self, path: Path) -> dict:
         state = load_checkpoint(path, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler)
         self.sampler.load_state_dict(state["sampler"])
         self.bad_steps = state["extra"].get("bad_steps", 0)
+        return state
+
+    def after_restore(self) -> None:
         self.engine.sync_weights(self.student)
-        if self.dist.is_main:
-            console.print(f"resumed from {path} (step {state['step']})")
-        return int(state["step"])
 
     def memory_table(self) -> str:
         from .memory import format_table, table_for_run
@@ -477,86 +489,51 @@ class Distiller:
         rows = table_for_run(self.cfg, self.student.config, teacher_config, self.dist.world_size, trainable)
         return format_table(rows, self.dist.world_size)
 
-    def _after_step(self, step: int, metrics: dict, batch: StepBatch, tracker: Tracker, view: StepView,
-                    step_times: dict[str, list[float]]) -> None:
-        cfg = self.cfg
-        if metrics["optim/skipped"]:
-            console.print(f"[yellow]step {step}: non-finite loss or gradient (loss={metrics['opd/loss']}, "
-                          f"grad_norm={metrics['optim/grad_norm']}); step skipped[/]")
-            if self.bad_steps > cfg.optim.max_bad_steps:
-                tracker.log(step, metrics)
-                last = latest_checkpoint(self.run_dir)
-                raise TrainingDiverged(
-                    f"{self.bad_steps} consecutive non-finite steps (limit optim.max_bad_steps="
-                    f"{cfg.optim.max_bad_steps}); stopping. Last good checkpoint: {last or 'none'}. "
-                    f"Lower optim.lr, check teacher.temperature, or inspect {self.run_dir}/samples.jsonl")
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.run.steps:
-            metrics.update(self.evaluate()[0])
-        tracker.log(step, metrics)
-        tracker.log_samples(step, self.samples(batch, cfg.run.log_samples))
-        for key in ("time/rollout", "time/teacher", "time/train", "time/step"):
-            step_times.setdefault(key, []).append(metrics[key])
-        view.update(step, format_metrics(metrics, ["opd/loss", "opd/reverse_kl", "diag/overlap_ratio",
-                                                   "rollout/len_mean", "time/step"]))
-        # A checkpoint is only written after a good step, so "the last checkpoint" is always a good one.
-        if cfg.run.save_every and step % cfg.run.save_every == 0 and self.log_to_disk and not self.bad_steps:
-            self.save(step)
+    def step_samples(self, batch: StepBatch) -> list[dict]:
+        return self.samples(batch, self.cfg.run.log_samples)
 
-    def run(self) -> dict:
-        cfg = self.cfg
-        wall_start = time.perf_counter()
-        start = self.restore() if cfg.run.resume else 0
-        if self.writes:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        tracker = Tracker(self.run_dir, tensorboard=cfg.run.tensorboard, resume_step=start if cfg.run.resume else None,
-                          enabled=self.writes)
-        summary: dict = {"steps": cfg.run.steps, "skipped_long_prompts": self.skipped_long}
-        before: dict = {}
-        if start == 0 and cfg.eval.prompts:
-            before, before_samples = self.evaluate()
-            tracker.log(0, before)
-            summary["eval_before"], summary["samples_before"] = before, before_samples[:4]
-        if cfg.distributed.memory_table and self.dist.is_main:
-            console.print(self.memory_table(), highlight=False)
-        view = StepView(cfg.run.steps, start, enabled=cfg.run.progress and self.dist.is_main)
-        step_times: dict[str, list[float]] = {}
-        self.completed = step = start
-        try:
-            for step in range(start + 1, cfg.run.steps + 1):
-                sampler_before = self.sampler.state_dict()
-                metrics, batch = self.opd_step(step)
-                self.completed = step
-                self._after_step(step, metrics, batch, tracker, view, step_times)
-        except KeyboardInterrupt:
-            view.close()
-            if self.completed < step:  # the step in flight never reached the optimizer: forget its batch
-                self.sampler.load_state_dict(sampler_before)
-                self.optimizer.zero_grad(set_to_none=True)
-            if self.completed > start and self.log_to_disk:
-                path = self.save(self.completed)
-                console.print(f"[yellow]interrupted: checkpoint saved at {path}; continue with run.resume=true[/]")
-            tracker.close()
-            raise
-        view.close()
-        if self.log_to_disk and cfg.run.steps > start:
-            self.save(cfg.run.steps)
-        after: dict = {}
-        if cfg.eval.prompts:
-            after, after_samples = self.evaluate()
-            tracker.log(cfg.run.steps, after)
-            summary["eval_after"], summary["samples_after"] = after, after_samples[:4]
-        tracker.close()
+    def export(self) -> None:
         if self.sharded:
             from .fsdp import export_full_model
 
             export_full_model(self.student, self.tokenizer, self.run_dir / "final_model")
         elif self.writes:
             save_model(self.student, self.tokenizer, self.run_dir / "final_model")
+
+    def barrier(self) -> None:
         barrier(self.dist)
-        wall = time.perf_counter() - wall_start
+
+    def loop_settings(self) -> LoopSettings:
+        cfg = self.cfg
+        return LoopSettings(
+            total_steps=cfg.run.steps, config=cfg, resume=cfg.run.resume, resume_override=cfg.run.resume_override,
+            cadence_keys=RESUME_CADENCE_KEYS, model_key="student.path", loss_key="opd/loss",
+            view_keys=["opd/loss", "opd/reverse_kl", "diag/overlap_ratio", "rollout/len_mean", "time/step"],
+            max_grad_norm=cfg.optim.max_grad_norm, max_bad_steps=cfg.optim.max_bad_steps,
+            save_every=cfg.run.save_every if self.log_to_disk else 0, eval_every=cfg.eval.every,
+            tensorboard=cfg.run.tensorboard, progress=cfg.run.progress, is_main=self.dist.is_main,
+            distributed=self.dist.enabled)
+
+    def run(self) -> dict:
+        if self.cfg.distributed.memory_table and self.dist.is_main:
+            console.print(self.memory_table(), highlight=False)
+        result = TrainingLoop(self, self.loop_settings()).run()
+        summary: dict = {"steps": self.cfg.run.steps, "skipped_long_prompts": self.skipped_long}
+        before, after = result.before, result.after
+        if before:
+            summary["eval_before"] = before
+            if result.samples_before:
+                summary["samples_before"] = result.samples_before[:4]
+        if after:
+            summary["eval_after"] = after
+            if result.samples_after:
+                summary["samples_after"] = result.samples_after[:4]
+        step_times: dict[str, list[float]] = {}
+        for metrics in result.history:
+            for key in ("time/rollout", "time/teacher", "time/train", "time/step"):
+                step_times.setdefault(key, []).append(metrics[key])
         summary.update({
-            "wall_seconds": wall,
+            "wall_seconds": result.wall_seconds,
             "seconds_per_step": statistics.median(step_times["time/step"]) if step_times else None,
             "phase_seconds_median": {k.split("/")[1]: statistics.median(v) for k, v in step_times.items()},
         })

@@ -53,7 +53,7 @@ def test_malformed_dataset_row_is_rejected(tmp_path, tiny_dirs, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"text": "no prompt here"}])
     code = main(["distill", *tiny_overrides(tiny_dirs, bad, tmp_path / "run")])
     assert code == 1
-    assert f"{bad}, row 1: no prompt found" in capsys.readouterr().err
+    assert f"{bad}, row 2: no prompt found" in capsys.readouterr().err
 
 
 def test_tokenizer_mismatch_is_rejected(tmp_path, tiny_dirs, prompts_file, capsys):

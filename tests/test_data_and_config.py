@@ -45,7 +45,7 @@ def test_malformed_row_names_file_and_row(tmp_path, tokenizer, row, needle):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, row])
     with pytest.raises(DatasetError) as err:
         load_prompts(path, tokenizer)
-    assert f"{path}, row 1" in str(err.value) and needle in str(err.value)
+    assert f"{path}, row 2" in str(err.value) and needle in str(err.value)
 
 
 def test_invalid_json_line_names_line(tmp_path):
@@ -59,7 +59,7 @@ def test_long_prompts_skipped_and_counted_or_rejected(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "short"}, {"prompt": "x" * 200}, {"prompt": "tiny"}])
     ps = load_prompts(path, tokenizer, max_prompt_length=60)
     assert len(ps) == 2 and ps.skipped_long == 1
-    with pytest.raises(DatasetError, match=r"row 1: prompt has \d+ tokens, over data.max_prompt_length=60"):
+    with pytest.raises(DatasetError, match=r"row 2: prompt has \d+ tokens, over data.max_prompt_length=60"):
         load_prompts(path, tokenizer, max_prompt_length=60, long_prompts="error")
 
 

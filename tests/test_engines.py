@@ -306,7 +306,7 @@ def test_a_row_without_a_teacher_is_refused_before_training(routed_dirs, tmp_pat
     d = routed_dirs
     cfg = load_config(DistillConfig, None, tiny_overrides(d, d["prompts"], tmp_path / "run", **{
         "teacher.route": f"{{math: {d['teacher']}}}", "eval.prompts": 0}))
-    with pytest.raises(ValueError, match=r"prompts.jsonl row 0 has data_source='chat', which has no teacher: "
+    with pytest.raises(ValueError, match=r"prompts.jsonl row 1 has data_source='chat', which has no teacher: "
                                          r"teacher.route has teachers for 'math'"):
         Distiller(cfg)
 

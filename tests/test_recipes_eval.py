@@ -94,4 +94,4 @@ def test_eval_cli_on_a_tiny_model_and_gap_recovery(tiny_dirs, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["benchmarks"]["toy"]["gap_recovery"] == pytest.approx(0.75)
     no_answers = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "What is 1+1?"}])
     assert main(["eval", f"model.path={tiny_dirs['student']}", f"benchmarks=[{no_answers}]"]) == 1
-    assert "row 0: no reference answer" in capsys.readouterr().err
+    assert "row 1: no reference answer" in capsys.readouterr().err

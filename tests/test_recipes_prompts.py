@@ -46,7 +46,7 @@ def test_rewrite_dapo_to_the_boxed_template():
     assert rows[1]["reward_model"]["ground_truth"] == "2"  # everything else is kept
     back, _ = rewrite_rows(rows, RewriteConfig(input="x", output="y.jsonl", template="dapo"))
     assert back[0]["prompt"] == dapo_row()["prompt"]  # and back again, exactly
-    with pytest.raises(DatasetError, match="row 0: no known template"):
+    with pytest.raises(DatasetError, match="row 1: no known template"):
         rewrite_rows([{"prompt": "plain question"}], RewriteConfig(input="x", output="y.jsonl"))
     kept, found = rewrite_rows([{"prompt": "plain question"}], RewriteConfig(input="x", output="y.jsonl",
                                                                             unrecognised="keep"))

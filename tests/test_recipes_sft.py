@@ -143,7 +143,7 @@ def test_sft_then_distill_cli(tiny_dirs, chat_file, tmp_path, prompts_file):
 def test_sft_rejects_rows_without_a_conversation(tiny_dirs, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     assert main(["sft", *_overrides(tiny_dirs["student"], bad, tmp_path / "r")]) == 1
-    assert "row 0: the conversation has no assistant message" in capsys.readouterr().err
+    assert "row 1: the conversation has no assistant message" in capsys.readouterr().err
 
 
 def test_config_reads_exponent_floats_written_without_a_dot():

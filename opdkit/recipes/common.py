@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..config import ConfigError, _help
-from ..data import DatasetError, PromptSet, _check_messages, load_prompts, normalise_row, read_rows
+from ..config import AUTO_DTYPE_HELP, ConfigError, Dtype, _help
+from ..data import DatasetError, PromptSet, _check_messages, load_prompts, normalise_row, read_rows, row_label
 from ..tracking import console
 
 BOXED_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -34,7 +34,7 @@ def has_answer_instruction(text: str) -> bool:
 @dataclass
 class ModelConfig:
     path: str = _help("HF model directory, .gguf file or bundled name (e.g. smollm2-135m-instruct)", default="")
-    dtype: Literal["float32", "bfloat16"] = _help("dtype of the weights used for sampling", default="bfloat16")
+    dtype: Dtype = _help("dtype of the weights used for sampling" + AUTO_DTYPE_HELP, default="auto")
     device: str = _help("cpu, cuda, cuda:1", default="cpu")
 
     def validate(self, section: str = "model") -> None:
@@ -106,7 +106,7 @@ def load_recipe_prompts(cfg: PromptsConfig, tokenizer, rows: list[dict] | None =
     chosen = select_rows(len(rows), cfg.limit, cfg.subset_seed)
     prepared = []
     for i in chosen:
-        msgs, _, answer, source = normalise_row(rows[i], cfg.columns, f"{cfg.path}, row {i}")
+        msgs, _, answer, source = normalise_row(rows[i], cfg.columns, row_label(cfg.path, i))
         prepared.append({"messages": prepare_messages(msgs, cfg), "answer": answer, "data_source": source})
     prompts = load_prompts(cfg.path, tokenizer, rows=prepared, system_prompt=cfg.system_prompt,
                            chat_template_kwargs=cfg.chat_template_kwargs, max_prompt_length=cfg.max_prompt_length)

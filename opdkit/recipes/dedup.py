@@ -33,11 +33,12 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, _help
-from ..data import read_rows
+from ..data import read_rows, row_label
 from ..models import cache_root
 from ..tracking import console
 from .common import check_output_path, write_json, write_rows
 from .prompts import bare_question
+from ..hardware import configure_threads
 
 
 def normalise_question(text: str) -> str:
@@ -189,8 +190,7 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 def run_dedup(cfg: DedupConfig) -> dict:
     start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads)
     rows = read_rows(cfg.input)
     if cfg.limit is not None:
         rows = rows[:cfg.limit]
@@ -200,7 +200,7 @@ def run_dedup(cfg: DedupConfig) -> dict:
     def questions(rs, columns, path, side):
         out = []
         for i, r in enumerate(rs):
-            q, how = bare_question(r, columns, cfg.question_field, f"{path}, row {i}")
+            q, how = bare_question(r, columns, cfg.question_field, row_label(path, i))
             found[side][how or "no template"] = found[side].get(how or "no template", 0) + 1
             out.append(q)
         return out

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..config import ConfigError, _help
-from ..data import DatasetError, _lookup, normalise_row, read_rows
+from ..data import DatasetError, _lookup, normalise_row, read_rows, row_label
 from .common import BOXED_SUFFIX, check_output_path, write_rows
 
 # name -> (prefix pattern, suffix pattern); either may be None. Whitespace in the templates is flexible.
@@ -147,7 +147,7 @@ def rewrite_rows(rows: list[dict], cfg: RewriteConfig, path: str = "input") -> t
     template = NAMED_TEMPLATES.get(cfg.template, cfg.template)
     out, found = [], {}
     for i, row in enumerate(rows):
-        where = f"{path}, row {i}"
+        where = row_label(path, i)
         question, how = bare_question(row, cfg.columns, cfg.question_field, where)
         key = how or "unrecognised"
         found[key] = found.get(key, 0) + 1
@@ -242,7 +242,7 @@ def mix_rows(sources: list[tuple[str, list[dict], dict]], weights: list[float], 
         picks = rng.sample(range(len(rows)), count) if count <= len(rows) else \
             [rng.randrange(len(rows)) for _ in range(count)]
         for i in picks:
-            where = f"{name}, row {i}"
+            where = row_label(name, i)
             msgs, _, answer, source = normalise_row(rows[i], scfg.get("columns") or {}, where)
             question, _ = bare_question(rows[i], scfg.get("columns") or {}, scfg.get("question_field"), where)
             mixed.append({"data_source": source or Path(name).stem, "prompt": msgs, "ability": "math",

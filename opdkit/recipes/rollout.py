@@ -43,6 +43,7 @@ from ..rollout import sample
 from ..tracking import console
 from .common import ModelConfig, Progress, PromptsConfig, check_output_path, load_recipe_prompts, write_json, \
     write_rows
+from ..hardware import configure_threads
 
 REASONS = ("truncated", "no_answer", "repetitive", "wrong_answer")
 
@@ -230,8 +231,7 @@ def run_rollout(cfg: RolloutRecipeConfig) -> dict:
     if existing and not cfg.output.resume:
         raise ConfigError(f"{existing[0]} already exists; pass output.resume=true to continue that run, or choose "
                           f"another output.path")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads)
     model_dir = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, cfg.model.dtype).to(cfg.model.device).eval()

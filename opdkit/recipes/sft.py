@@ -36,13 +36,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
-from ..config import ConfigError, _help, dump_yaml
-from ..data import DatasetError, PromptSampler, _check_messages, _lookup, read_rows
+from ..config import AUTO_DTYPE_HELP, ConfigError, Dtype, _help, dump_yaml
+from ..loop import LoopSettings, TrainingLoop, prepare_run_dir
+from ..data import DatasetError, PromptSampler, _check_messages, _lookup, read_rows, row_label
 from ..models import DTYPES, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
 from ..scoring import decoder_and_head
 from ..student import StudentHead
-from ..tracking import StepView, Tracker, console, format_metrics
+from ..tracking import console
 from ..train import make_optimizer
+from ..hardware import configure_threads
 
 # --------------------------------------------------------------------------------------------------
 # Tokenisation with an assistant-token mask
@@ -227,8 +229,8 @@ def sft_loss(model, batch: Batch, *, vocab_size: int, chunk_size: int = 1024,
 @dataclass
 class SFTModelConfig:
     path: str = _help("HF model directory, .gguf file or bundled name of the model to fine-tune", default="")
-    param_dtype: Literal["float32", "bfloat16"] = _help("dtype of the trained (master) weights", default="float32")
-    compute_dtype: Literal["float32", "bfloat16"] = _help("autocast dtype of the forward", default="bfloat16")
+    param_dtype: Dtype = _help("dtype of the trained (master) weights; auto: float32", default="auto")
+    compute_dtype: Dtype = _help("autocast dtype of the forward" + AUTO_DTYPE_HELP, default="auto")
     gradient_checkpointing: bool = _help("recompute decoder activations in backward to save memory", default=False)
     device: str = _help("cpu, cuda, cuda:1", default="cpu")
 
@@ -266,6 +268,8 @@ class SFTOptimConfig:
     micro_batch_size: int = _help("rows per forward/backward", default=8)
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
     chunk_size: int = _help("positions per chunk of the vocabulary projection", default=1024)
+    max_bad_steps: int = _help("consecutive NaN/inf steps tolerated (each is skipped) before the run stops",
+                               default=3)
 
 
 @dataclass
@@ -277,6 +281,9 @@ class SFTRunConfig:
     save_every: int = _help("checkpoint every N steps (0: only at the end and on Ctrl-C)", default=0)
     keep_checkpoints: int = _help("how many checkpoints to keep", default=2)
     resume: bool = _help("continue from the last checkpoint in out_dir", default=False)
+    resume_override: bool = _help("on resume, apply changed non-cadence keys (e.g. optim.lr) instead of "
+                                  "refusing them; each change is recorded in config_history.jsonl",
+                                  default=False)
     eval_every: int = _help("measure eval/loss every N steps (0: before and after training)", default=0)
     tensorboard: bool = _help("write TensorBoard event files", default=True)
     threads: Optional[int] = _help("torch CPU threads (default: all cores)", default=None)
@@ -325,7 +332,7 @@ def load_sequences(cfg: SFTDataConfig, tokenizer) -> tuple[list[Sequence], dict]
         raise DatasetError(f"{cfg.train}: the dataset has no rows")
     sequences, skipped = [], 0
     for i, row in enumerate(rows):
-        where = f"{cfg.train}, row {i}"
+        where = row_label(cfg.train, i)
         messages = conversation(row, cfg.columns, cfg.system_prompt, where)
         try:
             ids, trained = assistant_token_mask(tokenizer, messages, cfg.chat_template_kwargs, cfg.assistant_turns)
@@ -344,11 +351,23 @@ def load_sequences(cfg: SFTDataConfig, tokenizer) -> tuple[list[Sequence], dict]
     return sequences, {"rows": len(rows), "skipped_long": skipped}
 
 
+# Keys a resumed run may change (applied and recorded); any other change needs run.resume_override=true.
+RESUME_CADENCE_KEYS = {"run.epochs", "run.max_steps", "run.save_every", "run.keep_checkpoints", "run.eval_every",
+                       "run.tensorboard", "run.threads", "run.progress"}
+
+
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig, *, model=None, tokenizer=None):
         self.cfg = cfg
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        configure_threads(cfg.run.threads)
+        self.run_dir = Path(cfg.run.out_dir)
+        existing = latest_checkpoint(self.run_dir)
+        if existing is not None and not cfg.run.resume:
+            raise ConfigError(f"{self.run_dir} already holds a run ({existing.name}); pass run.resume=true to "
+                              f"continue it, or choose another run.out_dir")
+        prepare_run_dir(self.run_dir)  # an unwritable out_dir fails before the model loads
+        self.writes = self.log_to_disk = True
+        self.completed = self.bad_steps = 0
         if model is None:
             path = resolve_model_path(cfg.model.path)
             tokenizer = load_tokenizer(path)
@@ -384,13 +403,16 @@ class SFTTrainer:
                                    schedule=o.schedule, warmup_steps=warmup)
         self.optimizer, self.scheduler = make_optimizer(model.parameters(), optim_ns, self.total_steps)
         self.sampler = PromptSampler(len(self.units), self.rows_per_step, cfg.run.seed, d.shuffle)
-        self.run_dir = Path(cfg.run.out_dir)
 
     def micro_batches(self, unit_indices: list[int], size: int) -> list[Batch]:
         return [collate([self.units[i] for i in unit_indices[s:s + size]], self.pad_id, self.cfg.data.packing)
                 for s in range(0, len(unit_indices), size)]
 
-    def train_step(self) -> dict:
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def forward_backward(self, step: int):
+        """The accumulated backward of one step; returns the loss and ``finish(optim_metrics)`` for after the update."""
         o = self.cfg.optim
         start = time.perf_counter()
         batches = self.micro_batches(self.sampler.next_batch(), o.micro_batch_size)
@@ -403,24 +425,26 @@ class SFTTrainer:
             (nll / max(targets, 1)).backward()
             total_nll += float(nll.detach())
             correct += ok
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm or float("inf")))
-        lr = self.scheduler.get_last_lr()[0]
-        finite = math.isfinite(grad_norm) and math.isfinite(total_nll)
-        if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        seconds = time.perf_counter() - start
-        tokens = sum(int(b.input_ids.numel()) for b in batches)
-        return {"sft/loss": total_nll / max(targets, 1), "sft/token_accuracy": correct / max(targets, 1),
-                "sft/trained_tokens": targets, "sft/sequences": sum(b.sequences for b in batches),
-                "sft/epoch": self.sampler.epoch + self.sampler.position / len(self.units),
-                "optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": 0.0 if finite else 1.0,
-                "time/step": seconds, "time/tokens_per_second": tokens / seconds}
+        loss = total_nll / max(targets, 1)
+
+        def finish(optim_metrics: dict) -> tuple[dict, None]:
+            seconds = time.perf_counter() - start
+            tokens = sum(int(b.input_ids.numel()) for b in batches)
+            return {"sft/loss": loss, "sft/token_accuracy": correct / max(targets, 1),
+                    "sft/trained_tokens": targets, "sft/sequences": sum(b.sequences for b in batches),
+                    "sft/epoch": self.sampler.epoch + self.sampler.position / len(self.units),
+                    **optim_metrics, "time/step": seconds, "time/tokens_per_second": tokens / seconds}, None
+
+        return loss, finish
+
+    def step_samples(self, batch) -> list[dict]:
+        return []
+
+    def evaluate(self) -> tuple[dict, list]:
+        return self.eval_metrics(), []
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def eval_metrics(self) -> dict:
         if not self.eval_sequences:
             return {}
         self.model.eval()
@@ -437,73 +461,44 @@ class SFTTrainer:
     def save(self, step: int) -> Path:
         return save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler,
-                               sampler_state=self.sampler.state_dict(), keep=self.cfg.run.keep_checkpoints)
+                               sampler_state=self.sampler.state_dict(), extra={"bad_steps": self.bad_steps},
+                               keep=self.cfg.run.keep_checkpoints)
 
-    def restore(self) -> int:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            raise ConfigError(f"run.resume=true but {self.run_dir} has no checkpoint to resume from")
+    def load(self, path: Path) -> dict:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.sampler.load_state_dict(state["sampler"])
-        console.print(f"resumed from {path} (step {state['step']})")
-        return int(state["step"])
+        self.bad_steps = state.get("extra", {}).get("bad_steps", 0)
+        return state
+
+    def after_restore(self) -> None:
+        pass
+
+    def export(self) -> None:
+        save_model(self.model, self.tokenizer, self.run_dir / "final_model")
+
+    def barrier(self) -> None:
+        pass
 
     def run(self) -> dict:
         cfg = self.cfg
-        existing = latest_checkpoint(self.run_dir)
-        if existing is not None and not cfg.run.resume:
-            raise ConfigError(f"{self.run_dir} already holds a run ({existing.name}); pass run.resume=true to "
-                              f"continue it, or choose another run.out_dir")
-        start = self.restore() if cfg.run.resume else 0
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        tracker = Tracker(self.run_dir, tensorboard=cfg.run.tensorboard, resume_step=start if cfg.run.resume else None)
-        wall = time.perf_counter()
+        result = TrainingLoop(self, LoopSettings(
+            total_steps=self.total_steps, config=cfg, resume=cfg.run.resume, resume_override=cfg.run.resume_override,
+            cadence_keys=RESUME_CADENCE_KEYS, model_key="model.path", loss_key="sft/loss",
+            view_keys=["sft/loss", "sft/token_accuracy", "optim/lr", "time/step"],
+            max_grad_norm=cfg.optim.max_grad_norm, max_bad_steps=cfg.optim.max_bad_steps,
+            save_every=cfg.run.save_every, eval_every=cfg.run.eval_every, tensorboard=cfg.run.tensorboard,
+            progress=cfg.run.progress)).run()
         summary: dict = {"steps": self.total_steps, "units": len(self.units), "packing": cfg.data.packing,
                          **self.data_stats}
-        if start == 0:
-            before = self.evaluate()
-            if before:
-                tracker.log(0, before)
-                summary["eval_before"] = before
-        view = StepView(self.total_steps, start, enabled=cfg.run.progress)
-        losses, step_times = [], []
-        step = completed = start
-        try:
-            for step in range(start + 1, self.total_steps + 1):
-                sampler_before = self.sampler.state_dict()
-                metrics = self.train_step()
-                completed = step
-                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < self.total_steps:
-                    metrics.update(self.evaluate())
-                tracker.log(step, metrics)
-                losses.append(metrics["sft/loss"])
-                step_times.append(metrics["time/step"])
-                view.update(step, format_metrics(metrics, ["sft/loss", "sft/token_accuracy", "optim/lr", "time/step"]))
-                if cfg.run.save_every and step % cfg.run.save_every == 0:
-                    self.save(step)
-        except KeyboardInterrupt:
-            view.close()
-            if completed < step:
-                self.sampler.load_state_dict(sampler_before)
-                self.optimizer.zero_grad(set_to_none=True)
-            if completed > start:
-                path = self.save(completed)
-                console.print(f"[yellow]interrupted: checkpoint saved at {path}; continue with run.resume=true[/]")
-            tracker.close()
-            raise
-        view.close()
-        if self.total_steps > start:
-            self.save(self.total_steps)
-        after = self.evaluate()
-        if after:
-            tracker.log(self.total_steps, after)
-            summary["eval_after"] = after
-        tracker.close()
-        save_model(self.model, self.tokenizer, self.run_dir / "final_model")
+        if result.before:
+            summary["eval_before"] = result.before
+        if result.after:
+            summary["eval_after"] = result.after
+        losses = [m["sft/loss"] for m in result.history]
+        step_times = [m["time/step"] for m in result.history]
         summary.update({"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                         "seconds_per_step": statistics.median(step_times) if step_times else None,
-                        "wall_seconds": time.perf_counter() - wall,
+                        "wall_seconds": result.wall_seconds,
                         "final_model": str(self.run_dir / "final_model")})
         return summary
 
