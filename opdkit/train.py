@@ -44,7 +44,10 @@ __all__ = ["Distiller", "TrainingDiverged", "run_distill", "step_seed"]
 
 # Keys a resumed run may change (applied and recorded); any other change needs run.resume_override=true.
 RESUME_CADENCE_KEYS = {"run.steps", "run.save_every", "run.keep_checkpoints", "run.log_samples", "run.tensorboard",
-                       "run.threads", "run.progress", "eval.every"}
+                       "run.threads", "run.progress", "eval.every",
+                       # how the same computation is laid out over processes (sharded checkpoints re-shard)
+                       "distributed.strategy", "distributed.cpu_offload", "distributed.reshard_after_forward",
+                       "distributed.memory_table"}
 
 
 def step_seed(seed: int, step: int) -> int:
