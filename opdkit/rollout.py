@@ -192,9 +192,9 @@ class HFRolloutEngine:
                  vocab_size: int | None = None):
         self.eos_ids, self.pad_id, self.vocab_size = eos_ids, pad_id, vocab_size
         if hasattr(student, "get_base_model"):
-            # LoRA: sample with a plain model holding the merged weights (names match merged_state_dict)
-            self.model = copy.deepcopy(student).merge_and_unload().to(sampling_dtype)
-            self.model.requires_grad_(False)
+            # LoRA: sample with a plain model holding the merged weights (names match merged_state_dict), built
+            # in sampling_dtype; a deep copy of the fp32 PEFT model before merging would peak at 2x the base.
+            self.model = _empty_like_base(student, sampling_dtype)
         elif sampling_dtype == next(student.parameters()).dtype:
             self.model = student  # same dtype, no adapters: sample with the trained module itself
         else:
@@ -227,6 +227,33 @@ class HFRolloutEngine:
             self.model.train(was_training)
         index = [i for i in (example_index or range(len(prompts))) for _ in range(n)]
         return Rollout(rows, resp, mask, logp, topk_ids, trunc, index, n)
+
+
+def _empty_like_base(peft_model, dtype: torch.dtype):
+    """A plain transformers model of the PEFT model's base architecture, in ``dtype`` on the base's device,
+    with buffers (e.g. rotary frequencies) copied and weights left for ``sync_weights`` to fill."""
+    base = peft_model.get_base_model()
+    device = next(base.parameters()).device
+    with torch.device("meta"):
+        model = type(base)(copy.deepcopy(base.config))
+    model = model.to_empty(device=device).to(dtype)
+    model.generation_config = copy.deepcopy(base.generation_config)
+    # Buffers and plain tensor attributes (rotary inv_freq, original_inv_freq) are not weights: take the base's
+    # (floating buffers in ``dtype``, as ``Module.to(dtype)`` leaves them on a copied model).
+    modules = dict(model.named_modules())
+    for name, source in base.named_modules():
+        target = modules.get(name.replace(".base_layer", ""))
+        if target is None:
+            continue
+        for attr, value in vars(source).items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                setattr(target, attr, value.detach().clone())
+        for attr, buf in source.named_buffers(recurse=False):
+            if attr in target._buffers:
+                target._buffers[attr] = buf.detach().to(dtype if buf.is_floating_point() else buf.dtype, copy=True)
+    model.requires_grad_(False)
+    model.eval()
+    return model
 
 
 def _unwrap_peft(model):

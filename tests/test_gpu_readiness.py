@@ -256,3 +256,25 @@ def test_noise_on_the_test_device_equals_cpu(device):
     keys = noise_keys(list(range(8)), "cpu")
     cpu = row_uniforms(keys, torch.arange(16))
     assert torch.equal(row_uniforms(keys.to(device), torch.arange(16, device=device)).cpu(), cpu)
+
+
+def test_lora_sampling_copy_is_built_in_the_sampling_dtype_and_merged(tokenizer):
+    """The LoRA engine's sampling model (built empty in bf16, filled by sync_weights) gives the logits of
+    merging a deep copy, the former construction that peaked at 2x the fp32 base."""
+    import copy
+
+    from opdkit.config import StudentConfig
+    from opdkit.lora import apply_lora
+    from opdkit.rollout import HFRolloutEngine
+
+    student = apply_lora(tiny_llama(len(tokenizer), seed=0), StudentConfig(lora_rank=4), seed=0)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)  # non-zero deltas
+    engine = HFRolloutEngine(student, eos_ids=[2], pad_id=2, sampling_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
+    reference = copy.deepcopy(student).merge_and_unload().to(torch.bfloat16).eval()
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model(ids).logits, reference(ids).logits, rtol=0, atol=0)
