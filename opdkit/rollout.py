@@ -237,6 +237,7 @@ def _empty_like_base(peft_model, dtype: torch.dtype):
     with torch.device("meta"):
         model = type(base)(copy.deepcopy(base.config))
     model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()  # to_empty gives each module its own tensor, which would untie a shared embedding
     model.generation_config = copy.deepcopy(base.generation_config)
     # Buffers and plain tensor attributes (rotary inv_freq, original_inv_freq) are not weights: take the base's
     # (floating buffers in ``dtype``, as ``Module.to(dtype)`` leaves them on a copied model).

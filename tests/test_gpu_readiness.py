@@ -274,6 +274,8 @@ def test_lora_sampling_copy_is_built_in_the_sampling_dtype_and_merged(tokenizer)
                 p.copy_(torch.randn_like(p) * 0.1)  # non-zero deltas
     engine = HFRolloutEngine(student, eos_ids=[2], pad_id=2, sampling_dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
+    head, embed = engine.model.get_output_embeddings().weight, engine.model.get_input_embeddings().weight
+    assert head.data_ptr() == embed.data_ptr()  # still tied
     reference = copy.deepcopy(student).merge_and_unload().to(torch.bfloat16).eval()
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
