@@ -106,7 +106,7 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     if hasattr(model, "get_base_model"):
         from .lora import load_adapter_state
 
-        load_adapter_state(model, torch.load(path / "adapter_state.pt", weights_only=False))
+        load_adapter_state(model, torch.load(path / "adapter_state.pt", map_location="cpu", weights_only=False))
     else:
         weights: dict[str, torch.Tensor] = {}
         for shard in sorted((path / "model").glob("*.safetensors")):
@@ -117,7 +117,9 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    # map_location: tensors saved from any device load on the CPU (a resume on a CPU-only host, or on ranks
+    # that would otherwise all load onto cuda:0); load_state_dict then copies them to each parameter's device.
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

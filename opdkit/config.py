@@ -81,6 +81,8 @@ class TeacherConfig:
     chat_template_kwargs: dict = _help("extra arguments for the teacher's chat template (with chat_template=own)",
                                        default_factory=dict)
     chunk_size: int = _help("positions per chunk of the teacher's vocabulary projection", default=1024)
+    batch_size: int = _help("sequences per teacher forward when scoring a rollout (bounds activation memory)",
+                            default=16)
     device: str = _help("device of the teacher (cpu, cuda, cuda:1)", default="cpu")
     route: dict = _help("several teachers: {value of data.route_column: teacher path}", default_factory=dict)
     timeout: float = _help("seconds per request to a served teacher", default=120.0)
@@ -236,7 +238,7 @@ class DistillConfig:
 
     def validate(self) -> None:
         _positive(self, ["rollout.prompts_per_step", "rollout.n", "rollout.max_new_tokens", "objective.k",
-                         "objective.chunk_size", "teacher.chunk_size", "optim.micro_batch_size",
+                         "objective.chunk_size", "teacher.chunk_size", "teacher.batch_size", "optim.micro_batch_size",
                          "data.max_prompt_length", "eval.max_new_tokens", "eval.batch_size"])
         _nonnegative(self, ["run.steps", "run.save_every", "eval.every", "eval.prompts", "optim.warmup_steps",
                             "optim.lr", "optim.max_grad_norm", "optim.weight_decay", "objective.outcome_weight",
@@ -266,6 +268,8 @@ class DistillConfig:
                               "another weighting")
         if len(self.optim.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers, got {self.optim.betas}")
+        for key in ("student.device", "teacher.device"):
+            _check_device(key, _get(self, key))
         self._validate_engines()
         if self.distributed.strategy == "fsdp2":
             if self.student.lora_rank:
@@ -298,6 +302,17 @@ class DistillConfig:
                     f"teacher.temperature={t.temperature} with teacher.engine={t.engine}: the engine returns "
                     f"log-probs of the untempered teacher for its top-k ids only, which cannot be re-normalised at "
                     f"another temperature; use teacher.temperature=1.0 or teacher.engine=hf")
+
+
+def _check_device(key: str, value: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(value).type
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"{key}={value!r} is not a device: use cpu, cuda or cuda:N") from exc
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"{key}={value!r}: opdkit runs on cpu or cuda devices")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CHECKPOINTS, _write_text_atomic, rng_state, set_rng_state
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo, backend_for, barrier
 
 FAULT_ENV = "OPDKIT_FAULT_KILL_DURING_SAVE"  # "STEP:RANK": SIGKILL that rank mid-checkpoint (tests only)
 
@@ -43,7 +43,7 @@ FAULT_ENV = "OPDKIT_FAULT_KILL_DURING_SAVE"  # "STEP:RANK": SIGKILL that rank mi
 def ensure_process_group(device: str) -> DistInfo:
     """The process group FSDP shards over; a 1-rank group when the run was not launched by torchrun."""
     if not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        backend = backend_for(device)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend=backend)
         else:

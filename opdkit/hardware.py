@@ -115,7 +115,11 @@ def cuda_capability(index: int = 0) -> Capability:
 def capability(device: str | torch.device = "cpu") -> Capability:
     device = torch.device(device)
     if device.type == "cuda":
+        if not torch.cuda.is_available():  # the run itself will say so where it places the model; decide nothing
+            return Capability("cuda", "no CUDA device visible", False, "CUDA unavailable")
         return cuda_capability(device.index or 0)
+    if device.type != "cpu":  # mps, xpu, ...: no probe of ours; float32 is always correct
+        return Capability(device.type, device.type, False, "no bf16 probe for this device type")
     return cpu_capability()
 
 

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import torch
 
+from .noise import noise_keys, row_uniforms, sample_with_uniforms
+
 
 @dataclass
 class Rollout:
@@ -100,8 +102,9 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
 
     Args:
         prompts: B token-id lists (left-padded here).
-        seeds: one seed per row. Each row draws its noise from its own generator, so a row's sample does not
-            depend on which other rows share its batch (sharded and single-process runs sample alike).
+        seeds: one seed per row. A row's noise is a function of its seed and the position only
+            (``row_uniforms``, computed on the model's device), so a row's sample does not depend on which other
+            rows share its batch (sharded and single-process runs sample alike).
         vocab_size: restrict sampling to ids < vocab_size (the ids shared with the teacher).
     Returns:
         response_ids (B, T), response_mask (B, T), sampling_logp (B, T), topk_ids (B, T, k) or None,
@@ -125,7 +128,11 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     if seeds is None:
         seeds = torch.randint(0, 2**62, (B,)).tolist()
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    # All of the call's noise at once (B x max_new_tokens numbers): one batch of integer ops, not one per token.
+    noise = row_uniforms(noise_keys(seeds, device), torch.arange(max_new_tokens, device=device))
+    # "Are all rows done?" reads a device value on the host; on an accelerator that sync stalls the launch queue,
+    # so it is asked every few tokens there (the extra all-pad columns are trimmed below).
+    stop_every = 1 if device.type == "cpu" else 8
     tokens, logps, tops = [], [], []
     for t in range(max_new_tokens):
         logits = model_vocab_logits(out.logits[:, -1].float(), vocab_size)
@@ -139,15 +146,13 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
         else:
             scaled = filter_top_p(logits / temperature, top_p)
             logprobs = torch.log_softmax(scaled, -1)
-            # Gumbel-max: exact sampling from softmax(scaled) driven by explicit per-row generators.
-            u = torch.stack([torch.rand(logprobs.shape[-1], generator=g) for g in generators]).to(device)
-            tok = (logprobs - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)
+            tok = sample_with_uniforms(logprobs, noise[:, t])
             logp = logprobs.gather(-1, tok[:, None]).squeeze(-1)
         tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
         logps.append(logp)
         finished |= torch.isin(tok, eos)
-        if bool(finished.all()):
+        if (t + 1) % stop_every == 0 and bool(finished.all()):
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=-1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
@@ -155,6 +160,9 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
         next_pos = next_pos + 1
     response = torch.stack(tokens, 1).cpu()
     mask, ended = response_mask_from_eos(response, eos_ids)
+    width = int(mask.any(0).nonzero().max()) + 1  # drop columns decoded after every row had ended
+    response, mask = response[:, :width], mask[:, :width]
+    logps, tops = logps[:width], tops[:width]
     sampling_logp = torch.stack(logps, 1).cpu().masked_fill(~mask, 0.0)
     topk_ids = torch.stack(tops, 1).cpu() if topk else None
     return response, mask, sampling_logp, topk_ids, ~ended
@@ -184,9 +192,9 @@ class HFRolloutEngine:
                  vocab_size: int | None = None):
         self.eos_ids, self.pad_id, self.vocab_size = eos_ids, pad_id, vocab_size
         if hasattr(student, "get_base_model"):
-            # LoRA: sample with a plain model holding the merged weights (names match merged_state_dict)
-            self.model = copy.deepcopy(student).merge_and_unload().to(sampling_dtype)
-            self.model.requires_grad_(False)
+            # LoRA: sample with a plain model holding the merged weights (names match merged_state_dict), built
+            # in sampling_dtype; a deep copy of the fp32 PEFT model before merging would peak at 2x the base.
+            self.model = _empty_like_base(student, sampling_dtype)
         elif sampling_dtype == next(student.parameters()).dtype:
             self.model = student  # same dtype, no adapters: sample with the trained module itself
         else:
@@ -219,6 +227,34 @@ class HFRolloutEngine:
             self.model.train(was_training)
         index = [i for i in (example_index or range(len(prompts))) for _ in range(n)]
         return Rollout(rows, resp, mask, logp, topk_ids, trunc, index, n)
+
+
+def _empty_like_base(peft_model, dtype: torch.dtype):
+    """A plain transformers model of the PEFT model's base architecture, in ``dtype`` on the base's device,
+    with buffers (e.g. rotary frequencies) copied and weights left for ``sync_weights`` to fill."""
+    base = peft_model.get_base_model()
+    device = next(base.parameters()).device
+    with torch.device("meta"):
+        model = type(base)(copy.deepcopy(base.config))
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()  # to_empty gives each module its own tensor, which would untie a shared embedding
+    model.generation_config = copy.deepcopy(base.generation_config)
+    # Buffers and plain tensor attributes (rotary inv_freq, original_inv_freq) are not weights: take the base's
+    # (floating buffers in ``dtype``, as ``Module.to(dtype)`` leaves them on a copied model).
+    modules = dict(model.named_modules())
+    for name, source in base.named_modules():
+        target = modules.get(name.replace(".base_layer", ""))
+        if target is None:
+            continue
+        for attr, value in vars(source).items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                setattr(target, attr, value.detach().clone())
+        for attr, buf in source.named_buffers(recurse=False):
+            if attr in target._buffers:
+                target._buffers[attr] = buf.detach().to(dtype if buf.is_floating_point() else buf.dtype, copy=True)
+    model.requires_grad_(False)
+    model.eval()
+    return model
 
 
 def _unwrap_peft(model):

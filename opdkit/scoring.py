@@ -8,6 +8,7 @@ O(B·T·k) plus one (chunk, V) block, never (B, T, V).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,8 +39,17 @@ class TeacherScores:
     hidden: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor) -> "TeacherScores":
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
         return TeacherScores(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+
+    def to(self, device: torch.device | str, *, hidden: bool = True) -> "TeacherScores":
+        """All fields on ``device`` (a no-op for those already there); ``hidden=False`` drops the hidden states
+        instead of moving them (e.g. when copying scores to the CPU for metrics)."""
+        # non_blocking only host -> device: a device -> host copy must complete before the CPU reads it.
+        non_blocking = torch.device(device).type != "cpu"
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return TeacherScores(*(move(getattr(self, f)) if f != "hidden" or hidden else None
+                               for f in self.__dataclass_fields__))
 
 
 class Teacher(Protocol):
@@ -50,7 +60,10 @@ class Teacher(Protocol):
 
     def score(self, prompt_ids: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor, *,
               k: int, student_topk_ids: torch.Tensor | None = None, keep_hidden: bool = False,
-              sources: list[str] | None = None) -> TeacherScores: ...
+              sources: list[str] | None = None) -> TeacherScores:
+        """Scores on the device of ``response_ids`` (the rollout's), except ``hidden``, which stays on the
+        teacher's device; callers move them once with ``TeacherScores.to``."""
+        ...
 
 
 def decoder_and_head(model):
@@ -98,6 +111,13 @@ class HeadProjection:
         self.temperature, self.dtype = temperature, dtype
         self.softcap = final_logit_softcap(model)
 
+    def to(self, device: torch.device | str) -> "HeadProjection":
+        """A copy of this projection with its weight on ``device``."""
+        other = copy.copy(self)
+        other.weight = self.weight.to(device)
+        other.bias = None if self.bias is None else self.bias.to(device)
+        return other
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = torch.nn.functional.linear(hidden.to(self.dtype), self.weight, self.bias)
         if self.softcap:
@@ -133,15 +153,30 @@ class HFTeacher:
     capabilities = frozenset({"sampled", "topk", "at_ids", "entropy", "hidden"})
 
     def __init__(self, model, *, vocab_size: int, pad_id: int, temperature: float = 1.0, chunk_size: int = 1024,
-                 head_dtype: torch.dtype = torch.float32):
-        self.model, self.pad_id, self.chunk_size = model, pad_id, chunk_size
+                 head_dtype: torch.dtype = torch.float32, batch_size: int | None = None):
+        self.model, self.pad_id, self.chunk_size, self.batch_size = model, pad_id, chunk_size, batch_size
         self.head = HeadProjection(model, vocab_size, temperature, head_dtype)
         self.device = next(model.parameters()).device
+        self._heads: dict[torch.device, HeadProjection] = {self.device: self.head}
 
     @torch.no_grad()
     def score(self, prompt_ids: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor, *,
               k: int, student_topk_ids: torch.Tensor | None = None, keep_hidden: bool = False,
               sources: list[str] | None = None) -> TeacherScores:
+        """Rows are scored in blocks of ``batch_size`` (activations of one block at a time, not the whole
+        rollout's); the result equals one forward over all rows up to float rounding."""
+        B = response_ids.shape[0]
+        step = self.batch_size or max(B, 1)
+        blocks = [self._score_rows(prompt_ids[i:i + step], response_ids[i:i + step], response_mask[i:i + step], k,
+                                   None if student_topk_ids is None else student_topk_ids[i:i + step], keep_hidden)
+                  for i in range(0, max(B, 1), step)]
+        if len(blocks) == 1:
+            return blocks[0]
+        cat = lambda f: None if getattr(blocks[0], f) is None else torch.cat([getattr(b, f) for b in blocks])  # noqa
+        return TeacherScores(*(cat(f) for f in TeacherScores.__dataclass_fields__))
+
+    def _score_rows(self, prompt_ids, response_ids, response_mask, k, student_topk_ids, keep_hidden
+                    ) -> TeacherScores:
         hidden = response_hidden_states(self.model, prompt_ids, response_ids, self.pad_id)
         mask = response_mask.to(hidden.device)
         flat_h = hidden[mask]
@@ -154,12 +189,18 @@ class HFTeacher:
             chunk = reduce_logits(self.head(flat_h[sl]), flat_tok[sl], k, None if flat_at is None else flat_at[sl])
             for name, value in chunk.items():
                 parts.setdefault(name, []).append(value)
-        full = {name: scatter_rows(torch.cat(vals).cpu(), response_mask) for name, vals in parts.items()}
+        # Back where the rollout lives (B·T·k numbers); the hidden states, the large part, stay on the teacher.
+        out = response_ids.device
+        full = {name: scatter_rows(torch.cat(vals).to(out), response_mask) for name, vals in parts.items()}
         return TeacherScores(
             sampled_logp=full["sampled_logp"], topk_ids=full.get("topk_ids"), topk_logp=full.get("topk_logp"),
             logp_at_student_topk=full.get("logp_at_student_topk"), entropy=full["entropy"],
-            hidden=hidden.detach().cpu() if keep_hidden else None)
+            hidden=hidden.detach() if keep_hidden else None)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Teacher logits on the caller's device (the teacher may live on another one: ``teacher.device``)."""
-        return self.head(hidden.to(self.device)).to(hidden.device)
+        """Teacher logits on the caller's device. With the teacher on another device, its head is copied to the
+        caller's once, so neither hidden states nor (chunk, V) logits cross devices at every chunk."""
+        head = self._heads.get(hidden.device)
+        if head is None:
+            head = self._heads[hidden.device] = self.head.to(hidden.device)
+        return head(hidden)

@@ -126,7 +126,7 @@ def local_student_forward(model, prompt_ids: list[list[int]], response_ids: torc
         shape = response_ids.shape
         return StudentOutputs(zero.expand(shape).clone(),
                               None if at_ids is None else zero.expand(at_ids.shape).clone(),
-                              torch.zeros(shape), None if full_fn is None else zero.expand(shape).clone())
+                              torch.zeros(shape, device=device), None if full_fn is None else zero.expand(shape).clone())
     logp_sampled, logp_at, entropy, full = (torch.cat(x) for x in zip(*parts))
     cpu_mask = response_mask.to(device)
     return StudentOutputs(

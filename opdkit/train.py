@@ -26,7 +26,7 @@ from .config import ConfigError, DistillConfig, dump_yaml
 from .data import Example, PromptSampler, load_prompts, render_prompt
 from .diagnostics import step_diagnostics
 from .distributed import DistInfo, all_gather_objects, all_reduce_gradients, all_reduce_sum, barrier, \
-    init_from_env, pad_cat, shard_bounds
+    devices_per_rank, init_from_env, local_rank, pad_cat, resolve_device, shard_bounds
 from .evaluation import decode_responses, evaluate
 from .loop import LoopSettings, TrainingDiverged, TrainingLoop, apply_update, prepare_run_dir
 from .loss import check_teacher_supports, full_vocab_fn, teacher_candidate_logp, token_loss
@@ -53,6 +53,26 @@ RESUME_CADENCE_KEYS = {"run.steps", "run.save_every", "run.keep_checkpoints", "r
 def step_seed(seed: int, step: int) -> int:
     """Sampling seed of one step: distinct per (seed, step), independent of how the run was split."""
     return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
+
+
+def rank_devices(cfg: DistillConfig) -> tuple[str, str]:
+    """This process's student and teacher devices: ``cuda:i`` is relative to the rank's block of GPUs under
+    torchrun (rank r of a run using cuda:0 and cuda:1 gets GPUs 2r and 2r+1); a missing GPU is a ConfigError."""
+    devices = [cfg.student.device, cfg.teacher.device]
+    per_rank = devices_per_rank(devices)
+    try:
+        return tuple(resolve_device(d, local_rank=local_rank(), devices_per_rank=per_rank) for d in devices)
+    except ValueError as exc:
+        raise ConfigError(f"student.device={cfg.student.device!r}, teacher.device={cfg.teacher.device!r}: {exc}") \
+            from exc
+
+
+def on_device(device: torch.device, scores: TeacherScores | None, *tensors: torch.Tensor | None):
+    """``scores`` and ``tensors`` moved to ``device`` (None stays None): the one copy between engines, which
+    return results where the rollout lives (the CPU), and the student's loss."""
+    non_blocking = device.type != "cpu"  # host -> device only; the CPU must not read an unfinished copy
+    return (None if scores is None else scores.to(device),
+            *(None if t is None else t.to(device, non_blocking=non_blocking) for t in tensors))
 
 
 class PhaseTimer:
@@ -116,7 +136,8 @@ class Distiller:
                  teacher_tokenizer=None, log_to_disk: bool = True):
         self.cfg = cfg
         configure_threads(cfg.run.threads)
-        self.dist: DistInfo = init_from_env()
+        self.student_device, self.teacher_device = rank_devices(cfg)
+        self.dist: DistInfo = init_from_env(self.student_device)
         if cfg.rollout.prompts_per_step % self.dist.world_size:
             raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the "
                               f"number of processes ({self.dist.world_size})")
@@ -152,7 +173,7 @@ class Distiller:
             teacher_model = load_causal_lm(t_path, cfg.teacher.dtype)
         self.tokenizer = tokenizer
         self.teacher_tokenizer = teacher_tokenizer or tokenizer
-        student.to(cfg.student.device)
+        student.to(self.student_device)
         if cfg.student.lora_rank:
             from .lora import apply_lora
 
@@ -167,7 +188,7 @@ class Distiller:
         self.teacher_model = teacher_model
         if teacher_model is not None:
             freeze(teacher_model)
-            teacher_model.to(cfg.teacher.device)
+            teacher_model.to(self.teacher_device)
             self.vocab = check_tokenizers(tokenizer, self.teacher_tokenizer, model_vocab_size(student),
                                           model_vocab_size(teacher_model), cfg.student.path, cfg.teacher.path)
             self.vocab_size = self.vocab.shared_vocab_size
@@ -282,15 +303,18 @@ class Distiller:
         mask = rollout.response_mask
         num_tokens = all_reduce_sum(float(mask.sum()), self.dist)
         num_seqs = all_reduce_sum(float(mask.shape[0]), self.dist)
+        # The engine/trainer boundary: everything the loss reads moves to the student's device once, here.
+        cpu_scores = None if scores is None else scores.to("cpu", hidden=False)
+        scores, topk_ids, rewards_d = on_device(next(self.student.parameters()).device, scores, rollout.topk_ids,
+                                                rewards)
         at_ids = valid = None
         if self.k and scores is not None:
-            at_ids = torch.cat([rollout.topk_ids, scores.topk_ids], -1) if scores.topk_ids is not None \
-                else rollout.topk_ids
+            at_ids = torch.cat([topk_ids, scores.topk_ids], -1) if scores.topk_ids is not None else topk_ids
             if scores.topk_ids is not None:
-                valid = obj.candidate_mask(o.strategy, rollout.topk_ids, scores.topk_ids)
+                valid = obj.candidate_mask(o.strategy, topk_ids, scores.topk_ids)
         seq_adv = None
         if o.outcome_weight and rewards is not None:
-            seq_adv = obj.group_advantages(rewards, rollout.group_size)
+            seq_adv = obj.group_advantages(rewards_d, rollout.group_size)
         full_fn = full_vocab_fn(o) if scores is not None else None
         total = 0.0
         logp_sampled, logp_at, entropy = [], [], []
@@ -312,15 +336,15 @@ class Distiller:
             loss = obj.aggregate(per_token, sub.response_mask.to(per_token.device), o.aggregation,
                                  num_tokens, num_seqs)
             loss.backward()
-            total += float(loss.detach())
+            total = total + loss.detach()  # one host sync per step (below), not one per micro-batch
             logp_sampled.append(out.logp_sampled.detach().cpu())
             logp_at.append(None if out.logp_at is None else out.logp_at.detach().cpu())
             entropy.append(out.entropy.cpu())
         if not self.sharded:  # FSDP reduce-scatters the gradients itself
             all_reduce_gradients([p for p in self.student.parameters() if p.requires_grad], self.dist)
-        batch = StepBatch(rollout, scores, torch.cat(logp_sampled),
+        batch = StepBatch(rollout, cpu_scores, torch.cat(logp_sampled),
                           None if logp_at[0] is None else torch.cat(logp_at), torch.cat(entropy), rewards)
-        return all_reduce_sum(total, self.dist), batch
+        return all_reduce_sum(float(total), self.dist), batch
 
     def trainable_parameters(self) -> list[torch.Tensor]:
         return [p for p in self.student.parameters() if p.requires_grad]

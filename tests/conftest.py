@@ -20,6 +20,20 @@ from opdkit.tiny import char_tokenizer, save_tiny, tiny_llama  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# The device the suite's models run on: OPDKIT_TEST_DEVICE=cuda points every end-to-end run (through
+# tiny_overrides) and the ``device`` fixture at a GPU; the default keeps the suite on the CPU.
+TEST_DEVICE = os.environ.get("OPDKIT_TEST_DEVICE", "cpu")
+if TEST_DEVICE != "cpu":
+    # Exact-resume and equivalence tests compare runs at tight tolerances; CUDA's default kernels (atomics in
+    # index backward, cuBLAS workspaces) are not run-to-run deterministic.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device(TEST_DEVICE)
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
@@ -73,7 +87,7 @@ def tiny_overrides(dirs, prompts, out, **extra) -> list[str]:
         "student.path": dirs["student"], "teacher.path": dirs["teacher"], "data.train": prompts,
         "run.out_dir": out, "run.steps": 2, "rollout.prompts_per_step": 4, "rollout.max_new_tokens": 8,
         "eval.prompts": 4, "eval.max_new_tokens": 8, "run.progress": False, "run.tensorboard": False,
-        "objective.k": 8,
+        "objective.k": 8, "student.device": TEST_DEVICE, "teacher.device": TEST_DEVICE,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

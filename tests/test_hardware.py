@@ -170,3 +170,12 @@ def test_hardware_record_names_the_machine():
                 "torch", "transformers", "auto_dtype"):
         assert key in record
     assert record["cpu_model"] in hardware.describe_machine(record)
+
+
+def test_a_cuda_config_without_cuda_resolves_to_float32(monkeypatch):
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
+    assert not hardware.capability("cuda:0").native_bf16
+    d = DistillConfig()
+    d.student.device = d.teacher.device = "cuda"
+    resolve_config(d)
+    assert d.student.compute_dtype == d.teacher.dtype == "float32"

@@ -85,7 +85,9 @@ def test_eval_cli_on_a_tiny_model_and_gap_recovery(tiny_dirs, tmp_path, capsys):
     assert toy["problems"] == 4 and toy["samples_per_problem"] == 3 and {"avg@3", "pass@1", "pass@2"} <= set(toy)
     assert report["settings"]["temperature"] == 0.7 and report["settings"]["top_p"] == 0.95
     samples = [json.loads(line) for line in (tmp_path / "res.samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 12 and all(s["truncated"] == (s["tokens"] == 5) for s in samples)
+    # truncated means the cap was reached; a response may also end with EOS exactly at the cap
+    assert len(samples) == 12 and all(s["tokens"] == 5 for s in samples if s["truncated"])
+    assert all(s["tokens"] <= 5 for s in samples) and any(s["truncated"] for s in samples)
     capsys.readouterr()
     for name, value in (("before", 0.2), ("after", 0.5), ("teacher", 0.6)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"benchmarks": {"toy": {"avg@3": value}}}))

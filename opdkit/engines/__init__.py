@@ -33,7 +33,7 @@ def _hf_teacher(cfg, model, *, vocab_size, pad_id, tokenizer):
 
     t = cfg.teacher
     return HFTeacher(model, vocab_size=vocab_size, pad_id=pad_id, temperature=t.temperature, chunk_size=t.chunk_size,
-                     head_dtype=DTYPES[t.head_dtype])
+                     head_dtype=DTYPES[t.head_dtype], batch_size=t.batch_size)
 
 
 def _vllm_teacher(cfg, model, *, vocab_size, pad_id, tokenizer):
@@ -63,10 +63,18 @@ def load_hf_teacher(cfg, tokenizer, student_vocab: int, name: str = "teacher"):
     path = resolve_model_path(cfg.teacher.path)
     model = load_causal_lm(path, cfg.teacher.dtype)
     freeze(model)
-    model.to(cfg.teacher.device)
+    model.to(rank_device(cfg, cfg.teacher.device))
     check_tokenizers(tokenizer, load_tokenizer(path), student_vocab, model_vocab_size(model), cfg.student.path,
                      f"{name} ({cfg.teacher.path})")
     return model
+
+
+def rank_device(cfg, device: str) -> str:
+    """``device`` for this process: ``cuda:i`` relative to the rank's block of GPUs (see ``resolve_device``)."""
+    from ..distributed import devices_per_rank, local_rank, resolve_device
+
+    return resolve_device(device, local_rank=local_rank(),
+                          devices_per_rank=devices_per_rank([cfg.student.device, cfg.teacher.device]))
 
 
 def shared_vocab_size(cfg, tokenizer, student_vocab: int) -> int:

@@ -54,28 +54,42 @@ def scores_from_prompt_logprobs(entries: Sequence[Sequence[PositionLogprobs]], r
         vocab_size: ids at or beyond it are not shared with the student; a top-k id there is an error.
     """
     B, T = response_ids.shape
-    sampled = torch.zeros(B, T)
-    topk_ids = torch.zeros(B, T, k, dtype=torch.long) if k else None
-    topk_logp = torch.zeros(B, T, k) if k else None
     lengths = response_mask.sum(-1).tolist()
+    tokens = response_ids.tolist()  # one conversion, not one tensor read per position
+    # Per-position values go into flat Python lists and become tensors once, scattered at the mask.
+    sampled, top, top_logp = [], [], []
     for i, (row, n) in enumerate(zip(entries, lengths)):
         if len(row) != n:
             raise EngineOutputError(f"{engine}: row {i} has {n} response tokens but {len(row)} log-prob records")
         for t, entry in enumerate(row):
-            tok = int(response_ids[i, t])
-            where = f"{engine}, row {i}, response position {t}"
+            tok = tokens[i][t]
             if tok not in entry:
-                raise EngineOutputError(f"{where}: no log-prob for the scored token {tok}")
-            sampled[i, t] = entry[tok][0]
+                raise EngineOutputError(f"{engine}, row {i}, response position {t}: no log-prob for the scored "
+                                        f"token {tok}")
+            sampled.append(entry[tok][0])
             if k:
-                ids = top_ids(entry, k, where)
+                ids = top_ids(entry, k, f"{engine}, row {i}, response position {t}")
                 if max(ids) >= vocab_size:
                     raise EngineOutputError(
-                        f"{where}: the teacher's top-{k} contains id {max(ids)}, beyond the {vocab_size} ids it "
-                        f"shares with the student (padding rows of a larger embedding matrix)")
-                topk_ids[i, t] = torch.tensor(ids)
-                topk_logp[i, t] = torch.tensor([entry[j][0] for j in ids])
-    return TeacherScores(sampled_logp=sampled, topk_ids=topk_ids, topk_logp=topk_logp)
+                        f"{engine}, row {i}, response position {t}: the teacher's top-{k} contains id {max(ids)}, "
+                        f"beyond the {vocab_size} ids it shares with the student (padding rows of a larger "
+                        f"embedding matrix)")
+                top.append(ids)
+                top_logp.append([entry[j][0] for j in ids])
+    # Records fill each row's first n positions: the mask of those, whatever response_mask's own pattern.
+    filled = torch.arange(T)[None, :] < torch.tensor(lengths, dtype=torch.long).reshape(B, 1)
+    scatter = lambda values, shape, dtype: _scatter(values, filled, shape, dtype)  # noqa: E731
+    return TeacherScores(sampled_logp=scatter(sampled, (), torch.float32),
+                         topk_ids=scatter(top, (k,), torch.long) if k else None,
+                         topk_logp=scatter(top_logp, (k,), torch.float32) if k else None)
+
+
+def _scatter(values: list, mask: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero (B, T, *tail) tensor holding ``values`` (one per True of ``mask``, in row-major order)."""
+    out = torch.zeros(tuple(mask.shape) + tail, dtype=dtype)
+    if values:
+        out[mask] = torch.tensor(values, dtype=dtype).reshape((-1,) + tail)
+    return out
 
 
 def assemble_rollout(prompts: list[list[int]], outputs: Sequence[tuple[Sequence[int], Sequence[PositionLogprobs]]],
@@ -88,24 +102,24 @@ def assemble_rollout(prompts: list[list[int]], outputs: Sequence[tuple[Sequence[
     """
     B = len(outputs)
     T = max([len(ids) for ids, _ in outputs] + [1])
-    response = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    logp = torch.zeros(B, T)
-    top = torch.zeros(B, T, topk, dtype=torch.long) if topk else None
-    truncated = torch.zeros(B, dtype=torch.bool)
     eos = set(eos_ids)
+    rows, logp, top, truncated = [], [], [], []
     for i, (ids, records) in enumerate(outputs):
+        ids = [int(x) for x in ids]
         n = len(ids)
         if len(records) != n:
             raise EngineOutputError(f"rollout row {i}: {n} tokens but {len(records)} log-prob records")
-        if n:
-            response[i, :n] = torch.tensor(list(ids), dtype=torch.long)
-            mask[i, :n] = True
-        truncated[i] = n == 0 or int(ids[-1]) not in eos
-        if any(int(x) in eos for x in list(ids)[:-1]):
+        truncated.append(n == 0 or ids[-1] not in eos)
+        if any(x in eos for x in ids[:-1]):
             raise EngineOutputError(f"rollout row {i}: the engine kept generating after an EOS id")
+        rows.append(ids + [pad_id] * (T - n))
         for t, (tok, entry) in enumerate(zip(ids, records)):
-            logp[i, t] = entry[int(tok)][0]
+            logp.append(entry[tok][0])
             if topk:
-                top[i, t] = torch.tensor(top_ids(entry, topk, f"rollout row {i}, position {t}"))
-    return Rollout(prompts, response, mask, logp, top, truncated, example_index, group_size)
+                top.append(top_ids(entry, topk, f"rollout row {i}, position {t}"))
+    lengths = torch.tensor([len(ids) for ids, _ in outputs], dtype=torch.long).reshape(B, 1)
+    mask = torch.arange(T)[None, :] < lengths
+    response = torch.tensor(rows, dtype=torch.long).reshape(B, T)
+    return Rollout(prompts, response, mask, _scatter(logp, mask, (), torch.float32),
+                   _scatter(top, mask, (topk,), torch.long) if topk else None,
+                   torch.tensor(truncated, dtype=torch.bool).reshape(B), example_index, group_size)

@@ -237,7 +237,7 @@ class VLLMRolloutEngine:
                 continue
             if weight.dim() == expected.dim() and weight.shape[1:] == expected.shape[1:] \
                     and weight.shape[0] >= expected.shape[0]:  # vocabulary rows may be padded in vLLM
-                ok = torch.equal(weight[:expected.shape[0]], expected.to(weight.dtype))
+                ok = torch.equal(weight[:expected.shape[0]], expected.to(device=weight.device, dtype=weight.dtype))
             elif weight.numel() == 0 and hasattr(module, "cpu_linear"):
                 cols = sorted({0, expected.shape[1] // 3, 2 * expected.shape[1] // 3, expected.shape[1] - 1})
                 one_hot = torch.zeros(len(cols), expected.shape[1], dtype=expected.dtype)

@@ -83,7 +83,7 @@ def embed(model, texts: list[str], batch_size: int = 128, cache_dir: Path | None
             h.update(b"\0")
         key = cache_dir / f"{h.hexdigest()}.pt"
         if key.is_file():
-            vectors = torch.load(key)
+            vectors = torch.load(key, map_location="cpu")
             return vectors[torch.tensor([_index(unique)[t] for t in texts])]
     vectors = model.encode(unique, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
                            show_progress_bar=False).float().cpu()

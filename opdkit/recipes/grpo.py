@@ -54,7 +54,8 @@ def grpo_config(path: str | None, overrides: list[str], kl_coef: float = 0.0) ->
                           f"{cfg.teacher.path}; for KL to a different model use opdkit distill with "
                           f"objective.name=sampled objective.opd_weight={kl_coef}")
     reference = [f"teacher.path={cfg.student.path}", "objective.name=sampled", f"objective.opd_weight={kl_coef}",
-                 f"teacher.dtype={cfg.student.param_dtype}", "teacher.temperature=1.0"]
+                 f"teacher.dtype={cfg.student.param_dtype}", f"teacher.device={cfg.student.device}",
+                 "teacher.temperature=1.0"]
     return load_config(DistillConfig, path, overrides + reference, base=GRPO_DEFAULTS)
 
 
