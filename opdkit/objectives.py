@@ -192,6 +192,24 @@ def vopd_baseline(student_logp: torch.Tensor, teacher_logp: torch.Tensor, valid:
     return (w * diff).sum(-1)
 
 
+def pg_second_moment_ratio(student_logp: torch.Tensor, teacher_logp: torch.Tensor, baseline: torch.Tensor,
+                           student_topk_logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """How much a baseline shrinks the sampled-token gradient, measured in logit space on real rollouts.
+
+    Per position the estimator's gradient wrt the logits is (D_t − c_t)(e_ŷ − p_t) with D_t = log p_t(ŷ) − log q_t(ŷ)
+    and c_t = −``baseline``; its squared norm is (D_t − c_t)² (1 − 2 p_t(ŷ) + Σ_v p_t(v)²) (Σ p² over the student's
+    top-k, a lower bound). Returns Σ_t that with the baseline / Σ_t it without (< 1: the baseline helps; same
+    mean gradient, so the ratio of second moments ranks the variances). (B, T) each, (B, T, k), mask (B, T).
+    """
+    p_y = student_logp.float().exp()
+    norm2 = (1 - 2 * p_y + (2 * student_topk_logp.float()).exp().sum(-1)).clamp(min=0)
+    d = (student_logp - teacher_logp).float()
+    m = mask.float()
+    plain = (d.square() * norm2 * m).sum()
+    with_b = ((d + baseline.float()).square() * norm2 * m).sum()
+    return float(with_b / plain.clamp(min=1e-30))
+
+
 def truncated_is_weight(train_logp: torch.Tensor, sampling_logp: torch.Tensor, clip: float
                         ) -> torch.Tensor:
     """Truncated importance weight min(π_θ(ŷ_t) / π_sample(ŷ_t), C) for samples drawn by older (stale) weights.

@@ -75,6 +75,33 @@ def test_vopd_keeps_the_sampled_gradient_unbiased_and_changes_its_variance(slots
     assert measured == pytest.approx(ratio, rel=0.15), measured
 
 
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+def test_second_moment_ratio_on_samples_matches_the_closed_form(regime):
+    # The probe's measure: Σ (D − c)² ‖e_y − p‖² over sampled tokens, with and without c = KL. Its expectation is
+    # Σ_y p(y) (D(y) − c)² ‖e_y − p‖², computed here over the 6 tokens.
+    p, q, _ = REGIMES[regime]
+    p, q = torch.tensor(p), torch.tensor(q)
+    d, kl = (p / q).log(), float((p * (p / q).log()).sum())
+    norm2 = 1 - 2 * p + p.square().sum()
+    exact = float((p * (d - kl).square() * norm2).sum() / (p * d.square() * norm2).sum())
+    y = torch.multinomial(p, 40_000, replacement=True, generator=torch.Generator().manual_seed(0)).view(1, -1)
+    n = y.shape[1]
+    ratio = obj.pg_second_moment_ratio(p.log()[y], q.log()[y], torch.full((1, n), -kl), p.log().expand(1, n, 6),
+                                       torch.ones(1, n, dtype=torch.bool))
+    assert ratio == pytest.approx(exact, rel=0.05)
+    assert (ratio < 1) == (regime == "flat_student")
+
+
+def test_probe_recommends_vopd_only_where_it_lowers_the_variance():
+    from opdkit.probe import ProbeThresholds, decide
+    from tests.test_probe import _numbers
+
+    helps = decide(_numbers(vopd_second_moment_ratio=0.45), ProbeThresholds())
+    assert any("objective.baseline=vopd" in step for step in helps["recipe"])
+    hurts = decide(_numbers(vopd_second_moment_ratio=1.7), ProbeThresholds())
+    assert not any("objective.baseline=vopd" in step for step in hurts["recipe"])
+
+
 def test_topk_pg_with_vopd_baseline_is_the_gradient_of_eq5():
     # With student_p weights, subtracting b = Σ p̄ (log q - log p) removes the push on the set's total mass:
     # Σ p̄ (D - D̄) ∇log p(v) = ∇ KL(p̄||q̄). Without the baseline the two differ.
