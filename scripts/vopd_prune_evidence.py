@@ -4,6 +4,7 @@
     python scripts/vopd_prune_evidence.py variance  OUT   # gradient variance at equal batch size, S0 <- T_new
     python scripts/vopd_prune_evidence.py vopd      OUT   # training runs, 3 seeds (cached per run)
     python scripts/vopd_prune_evidence.py prune     OUT   # longer responses: none / downweight / truncate
+    python scripts/vopd_prune_evidence.py timing    OUT   # interleaved step timing of the prune variants
     python scripts/vopd_prune_evidence.py report    OUT   # tables (stdout, OUT/tables.json) and figures
 
 Every run is a ``Distiller`` run built by the study's ``distill_config``; results are cached like the study's.
@@ -19,28 +20,33 @@ from pathlib import Path
 
 import torch
 
-from opdkit.study import task
 from opdkit.study.experiments import Experiment, OPDConfig, distill_config, run_experiment
-from opdkit.recipes.common import write_rows
 from opdkit.study.zoo import Zoo, ZooConfig
 
 SEEDS = (0, 1, 2)
-VOPD_STEPS = 150
+VOPD_STEPS = 100
 VOPD_RUNS = {  # name -> overrides
     "sampled": ("objective.name=sampled",),
     "sampled_vopd": ("objective.name=sampled", "objective.baseline=vopd"),
     "top16_pg": ("objective.form=pg",),
     "top16_pg_vopd": ("objective.form=pg", "objective.baseline=vopd"),
+    "top16_kl": (),  # Eq. 5, whose gradient top16_pg_vopd equals (tested): a check, seed 0 only
 }
-# Longer responses: problems of depth 8-12 (the zoo trains at depth 1-3), so responses run ~50-80 tokens and both
-# models drift off the chains they know; max 128 new tokens.
-LONG_DEPTH = (8, 12)
+# Longer responses: the task's own responses stop after <= 23 tokens (deeper problems do not help: S0 answers a
+# depth-8-12 chain after two steps), so rollouts are forced to 96-128 tokens with rollout.min_new_tokens. Every
+# token after the answer is then off-distribution for both models: the drifted tail Prune-OPD is meant to cut.
 LONG_TOKENS = 128
+LONG = ("rollout.min_new_tokens=96",)
 PRUNE_STEPS = 60
 PRUNE_RUNS = {
-    "none": (),
-    "downweight": ("objective.prune=downweight", "objective.prune_threshold=0.5", "objective.prune_window=8"),
-    "truncate": ("objective.prune=truncate", "objective.prune_threshold=0.5", "objective.prune_window=8"),
+    "none": LONG,
+    "downweight": LONG + ("objective.prune=downweight", "objective.prune_threshold=0.5", "objective.prune_window=8"),
+    "truncate": LONG + ("objective.prune=truncate", "objective.prune_threshold=0.5", "objective.prune_window=8"),
+    # τ = 0.5 was set before any run and never fired (the k = 16 overlap sits at 0.57 at every position here); a
+    # sensitivity check one 1/16 step above the mean, where it does fire:
+    "truncate_t0.6": LONG + ("objective.prune=truncate", "objective.prune_threshold=0.6", "objective.prune_window=8"),
+    "downweight_t0.6": LONG + ("objective.prune=downweight", "objective.prune_threshold=0.6",
+                               "objective.prune_window=8"),
 }
 
 
@@ -53,18 +59,11 @@ def cmd_zoo(out: Path) -> None:
     zoo(out).build(("S0", "T_new", "T_B"))
 
 
-def long_data(z: Zoo) -> None:
-    if z.data("train_long_quiz").is_file():
-        return
-    held = task.make_problems(64, ops=("up", "down"), depth=LONG_DEPTH, seed=9001)
-    write_rows(z.data("eval_long_quiz"), [task.prompt_row(p, "quiz") for p in held])
-    train = task.make_problems(1000, ops=("up", "down"), depth=LONG_DEPTH, seed=9002, exclude={p.key for p in held})
-    write_rows(z.data("train_long_quiz"), [task.prompt_row(p, "quiz") for p in train])
-
-
-def cmd_variance(out: Path, batches: int = 24) -> None:
-    """Gradients of R independent step batches (16 prompts x 2 rollouts) at S0, each objective with and without
-    vOPD on the *same* rollouts; total variance = Σ_params Var_R(g)."""
+def cmd_variance(out: Path, student: str | None = None, tag: str = "S0", batches: int = 24) -> None:
+    """Gradients of R independent step batches (16 prompts x 2 rollouts) at S0 (or ``student``, a model
+    directory), each objective with and without vOPD on the *same* rollouts; total variance = Σ_params Var_R(g).
+    Also the probe's logit-space second-moment ratio on the same rollouts."""
+    from opdkit import objectives as obj
     from opdkit.train import Distiller
 
     torch.set_num_threads(1)
@@ -73,16 +72,26 @@ def cmd_variance(out: Path, batches: int = 24) -> None:
     for form, overrides in (("sampled", ("objective.name=sampled",)), ("top16_pg", ("objective.form=pg",))):
         exp = Experiment(f"var_{form}", "S0", "T_new", overrides=overrides)
         cfg = distill_config(z, exp, 0, OPDConfig(), out / "variance")
+        if student:
+            cfg.student.path = student
         d = Distiller(cfg, log_to_disk=False)
         grads = {"none": [], "vopd": []}
+        probe_ratio = []
         for r in range(batches):
             ro = d.rollout(d.sampler.next_batch(), 10_000 + r)
             scores = d.score(ro)
             for baseline in grads:
                 d.cfg.objective.baseline = baseline
-                d.update(ro, scores, None)
+                _, d.step_batch = d.update(ro, scores, None)
                 grads[baseline].append(torch.cat([p.grad.flatten() for p in d.student.parameters()]))
                 d.optimizer.zero_grad(set_to_none=True)
+            if form == "sampled":
+                b = d.step_batch
+                k = scores.logp_at_student_topk.shape[-1]
+                base = obj.vopd_baseline(b.student_logp_at[..., :k], scores.logp_at_student_topk,
+                                         torch.ones_like(scores.logp_at_student_topk, dtype=torch.bool))
+                probe_ratio.append(obj.pg_second_moment_ratio(b.student_logp_sampled, scores.sampled_logp, base,
+                                                              b.student_logp_at[..., :k], ro.response_mask))
         stats = {}
         for baseline, gs in grads.items():
             g = torch.stack(gs)
@@ -93,33 +102,65 @@ def cmd_variance(out: Path, batches: int = 24) -> None:
                                                     torch.stack(grads["vopd"]).mean(0), 0)
         stats["variance_ratio"] = stats["vopd"]["total_variance"] / stats["none"]["total_variance"]
         stats["mean_cosine"] = float(cos)
+        stats["entropy_student"] = float((d.step_batch.student_entropy * ro.response_mask).sum()
+                                         / ro.response_mask.sum())
+        if probe_ratio:
+            stats["logit_space_second_moment_ratio"] = statistics.fmean(probe_ratio)
         rows[form] = stats
         print(form, json.dumps(stats, indent=1))
-    (out / "variance.json").write_text(json.dumps({"batches": batches, "batch_rows": 32, **rows}, indent=1))
+    (out / f"variance_{tag}.json").write_text(json.dumps({"student": student or "S0", "batches": batches,
+                                                          "batch_rows": 32, **rows}, indent=1))
 
 
-def cmd_vopd(out: Path, only: str | None = None) -> None:
+def cmd_vopd(out: Path, only: str | None = None, seeds: str | None = None) -> None:
     torch.set_num_threads(1)
     z = zoo(out)
-    opd = OPDConfig(steps=VOPD_STEPS)
+    opd = OPDConfig(steps=VOPD_STEPS, eval_every=0)
     for name, overrides in VOPD_RUNS.items():
         if only and name != only:
             continue
-        for seed in SEEDS:
+        for seed in (SEEDS if seeds is None else [int(x) for x in seeds.split(",")]):
             run_experiment(z, Experiment(name, "S0", "T_new", overrides=overrides), seed, opd, out / "vopd")
 
 
-def cmd_prune(out: Path, only: str | None = None) -> None:
+def cmd_prune(out: Path, only: str | None = None, seeds: str | None = None) -> None:
     torch.set_num_threads(1)
     z = zoo(out)
-    long_data(z)
     opd = OPDConfig(steps=PRUNE_STEPS, max_new_tokens=LONG_TOKENS, eval_every=0, eval_prompts=64)
     for name, overrides in PRUNE_RUNS.items():
         if only and name != only:
             continue
-        for seed in SEEDS:
-            exp = Experiment(f"prune_{name}", "S0", "T_new", train="long_quiz", eval="long_quiz", overrides=overrides)
+        for seed in (SEEDS if seeds is None else [int(x) for x in seeds.split(",")]):
+            exp = Experiment(f"prune_{name}", "S0", "T_new", overrides=overrides)
             run_experiment(z, exp, seed, opd, out / "prune")
+
+
+def cmd_timing(out: Path, reps: int = 6) -> None:
+    """Step time with and without Prune-OPD, interleaved step by step so that the shared CPU's load drifts alike
+    over all variants; reports per-phase medians and tokens."""
+    from opdkit.train import Distiller
+
+    torch.set_num_threads(1)
+    z = zoo(out)
+    opd = OPDConfig(steps=reps, max_new_tokens=LONG_TOKENS, eval_every=0, eval_prompts=0)
+    names = ("none", "truncate", "truncate_t0.6", "downweight_t0.6")
+    ds = {n: Distiller(distill_config(z, Experiment(f"timing_{n}", "S0", "T_new", overrides=PRUNE_RUNS[n]), 0, opd,
+                                      out / "timing"), log_to_disk=False) for n in names}
+    rows: dict = {n: [] for n in names}
+    for step in range(1, reps + 1):
+        for n, d in ds.items():
+            m, _ = d.opd_step(step)
+            rows[n].append(m)
+    result = {}
+    for n, ms in rows.items():
+        result[n] = {k: statistics.median(m[k] for m in ms) for k in
+                     ("time/step", "time/rollout", "time/teacher", "time/train", "rollout/tokens", "rollout/len_max")}
+        result[n]["generated_tokens"] = statistics.median(m.get("prune/generated_tokens", m["rollout/tokens"])
+                                                          for m in ms)
+    for n in names:
+        result[n]["step_time_vs_none"] = result[n]["time/step"] / result["none"]["time/step"]
+    (out / "timing.json").write_text(json.dumps({"reps": reps, **result}, indent=1))
+    print(json.dumps(result, indent=1))
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -146,8 +187,7 @@ def cmd_report(out: Path) -> None:
     tables: dict = {}
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
-    if (out / "variance.json").is_file():
-        tables["variance"] = json.loads((out / "variance.json").read_text())
+    tables["variance"] = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("variance_*.json"))}
     # vOPD runs
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     rows = []
@@ -210,6 +250,8 @@ def cmd_report(out: Path) -> None:
     fig.tight_layout()
     fig.savefig(figs / "prune_tokens.png", dpi=90)
     tables["prune"] = prow
+    if (out / "timing.json").is_file():
+        tables["timing"] = json.loads((out / "timing.json").read_text())
     (out / "tables.json").write_text(json.dumps(tables, indent=1))
     print(json.dumps(tables, indent=1))
 
@@ -217,6 +259,6 @@ def cmd_report(out: Path) -> None:
 if __name__ == "__main__":
     command, where = sys.argv[1], Path(sys.argv[2])
     started = time.perf_counter()
-    {"zoo": cmd_zoo, "variance": cmd_variance, "vopd": cmd_vopd, "prune": cmd_prune,
+    {"zoo": cmd_zoo, "variance": cmd_variance, "vopd": cmd_vopd, "prune": cmd_prune, "timing": cmd_timing,
      "report": cmd_report}[command](where, *sys.argv[3:])
     print(f"{command}: {time.perf_counter() - started:.0f} s")
