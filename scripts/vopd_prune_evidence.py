@@ -253,7 +253,33 @@ def cmd_report(out: Path) -> None:
     if (out / "timing.json").is_file():
         tables["timing"] = json.loads((out / "timing.json").read_text())
     (out / "tables.json").write_text(json.dumps(tables, indent=1))
+    (out / "tables.md").write_text(markdown(tables))
     print(json.dumps(tables, indent=1))
+
+
+def _table(rows: list[dict], columns: dict[str, str]) -> str:
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(tables: dict) -> str:
+    parts = [_table(tables.get("vopd", []), {"run": "run", "seeds": "seeds", "acc_after": "accuracy after",
+                                             "rkl_after": "reverse KL after", "entropy_end": "student entropy, last 5 steps",
+                                             "grad_norm_mean": "mean grad norm", "seconds": "wall s"}),
+             _table(tables.get("prune", []), {"run": "run", "seeds": "seeds", "acc_after": "accuracy after",
+                                              "rkl_after": "reverse KL after", "drift_frac": "rows drifted",
+                                              "teacher_tokens_per_step": "student-sampled = teacher-scored tokens/step",
+                                              "train_tokens_per_step": "trained tokens/step",
+                                              "pruned_frac": "pruned share", "seconds_per_step_median": "s/step (median)"})]
+    timing = tables.get("timing")
+    if timing:
+        rows = [{"run": n, **{k: f"{v:.3g}" for k, v in t.items()}} for n, t in timing.items() if n != "reps"]
+        parts.append(_table(rows, {"run": "run", "time/step": "s/step", "step_time_vs_none": "vs none",
+                                   "time/rollout": "rollout s", "time/teacher": "teacher s", "time/train": "train s",
+                                   "generated_tokens": "sampled tokens", "rollout/tokens": "trained tokens",
+                                   "rollout/len_max": "decode steps"}))
+    return "\n\n".join(parts) + "\n"
 
 
 if __name__ == "__main__":
