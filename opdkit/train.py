@@ -229,22 +229,19 @@ class Distiller:
     def rollout(self, indices: list[int], seed: int, stop_hook=None) -> Rollout:
         """Sample this rank's block of the step's prompts (all of them in a single process)."""
         c = self.cfg.rollout
-        local = self._local(indices)
-        extra = {} if stop_hook is None else {"stop_hook": stop_hook}
+        start, end = shard_bounds(len(indices), self.dist)
+        local = indices[start:end]
+        extra = {} if stop_hook is None else {"stop_hook": stop_hook}  # only the HF engine takes a stop hook
         return self.engine.generate([self.train_set[i].prompt_ids for i in local], n=c.n,
                                     temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
-                                    topk=self.k, seed=seed, example_index=local,
-                                    row_offset=shard_bounds(len(indices), self.dist)[0] * c.n,
+                                    topk=self.k, seed=seed, example_index=local, row_offset=start * c.n,
                                     min_new_tokens=c.min_new_tokens, **extra)
-
-    def _local(self, indices: list[int]) -> list[int]:
-        start, end = shard_bounds(len(indices), self.dist)
-        return indices[start:end]
 
     def drift_stop(self, indices: list[int]) -> DriftStop:
         """Prune-OPD truncate: the teacher scores this rank's rollout rows chunk by chunk while they are sampled."""
         o = self.cfg.objective
-        rows = [self.train_set[i].teacher_ids for i in self._local(indices) for _ in range(self.cfg.rollout.n)]
+        start, end = shard_bounds(len(indices), self.dist)
+        rows = [self.train_set[i].teacher_ids for i in indices[start:end] for _ in range(self.cfg.rollout.n)]
         return DriftStop(self.teacher, rows, k=self.k, threshold=o.prune_threshold, window=o.prune_window,
                          pad_id=self.pad_id, eos_ids=self.eos_ids, keep_hidden=full_vocab_fn(o) is not None)
 
@@ -349,7 +346,7 @@ class Distiller:
     def opd_step(self, step: int) -> tuple[dict, StepBatch]:
         timer = PhaseTimer()
         indices = self.sampler.next_batch()
-        self.step_extra: dict = {}
+        self.step_extra = {}
         with timer("rollout"):
             stop = self.drift_stop(indices) if self.cfg.objective.prune == "truncate" else None
             rollout = self.rollout(indices, step_seed(self.cfg.run.seed, step), stop_hook=stop)
