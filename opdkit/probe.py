@@ -90,6 +90,9 @@ class ProbeThresholds:
         "share of prompts the teacher solves and the student does not, below which the teacher adds nothing",
         default=0.1)
     min_graded_prompts: int = _help("fewer prompts with answers than this: no capability verdict", default=8)
+    vopd_ratio: float = _help(
+        "vOPD's baseline shrinking the sampled-token gradient's second moment below this share = recommend "
+        "objective.baseline=vopd for the policy-gradient forms", default=0.8)
 
 
 @dataclass
@@ -337,6 +340,16 @@ def decide(r: dict, th: ProbeThresholds) -> dict:
                        "watch held-out accuracy early in training. If the answers are in another column, map it "
                        "with columns={answer: <column>}")
 
+    vopd = r.get("vopd_second_moment_ratio")
+    if vopd is not None and math.isfinite(vopd):
+        pg = (f"vOPD's baseline (-KL per token) would scale the sampled-token gradient's second moment by {vopd:.2f} "
+              f"on these rollouts")
+        if vopd < th.vopd_ratio and not misaligned and "change_teacher" not in fired:
+            reasons.append(pg + f" (< {th.vopd_ratio})")
+            recipe.append("if you train a policy-gradient form (objective.name=sampled, or objective.form=pg), set "
+                          "objective.baseline=vopd: same expected gradient, lower variance here")
+        else:
+            reasons.append(pg + ("; keep objective.baseline=none" if vopd >= 1 else ""))
     if misaligned:
         recipe.append("probe again with the aligned template: the overlap and capability numbers above were "
                       "measured on the misaligned one")
@@ -575,6 +588,9 @@ def student_rollout_metrics(s: StudentSide, teacher: HFTeacher, teacher_prompts:
         "reverse_kl_sampled_estimate": masked_mean(sampled_estimate, mask),
         "teacher_logp_student_tokens": masked_mean(pair.teacher.sampled_logp, mask),
         "student_logp_own_tokens": masked_mean(pair.student_logp, mask),
+        # vOPD: the exact value -KL(p_t||q_t) as the baseline, on these rollouts (logit-space second moment)
+        "vopd_second_moment_ratio": None if pair.student_logp_at is None else obj.pg_second_moment_ratio(
+            pair.student_logp, pair.teacher.sampled_logp, -pair.kl, pair.student_logp_at, mask),
     })
     bins = position_bins(mask.shape[1], cfg.max_new_tokens, max(1, cfg.max_new_tokens // 4))
     out["by_position"] = {name: reduce_diagnostics(per_pos, mask & _window(mask, a, b), prefix="", names=BINNED)
