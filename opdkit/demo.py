@@ -137,9 +137,13 @@ def run_demo(out_dir: str = "runs/demo", overrides: list[str] | None = None, con
 
 def teacher_reference(d) -> dict:
     """The teacher's greedy held-out responses: its accuracy, and fixed tokens on which to score the student."""
+    from .config import ConfigError
+
+    if d.teacher_model is None:
+        raise ConfigError(f"opdkit demo generates reference responses with a local teacher: teacher.engine="
+                          f"{d.cfg.teacher.engine!r} has none here; use teacher.engine=hf")
     e = d.cfg.eval
-    model = d.teacher_model if d.teacher_model is not None else d.student
-    return reference_responses(model, [ex.teacher_ids for ex in d.eval_set], [ex.answer for ex in d.eval_set],
+    return reference_responses(d.teacher_model, [ex.teacher_ids for ex in d.eval_set], [ex.answer for ex in d.eval_set],
                                d.tokenizer, eos_ids=d.eos_ids, pad_id=d.pad_id, max_new_tokens=e.max_new_tokens,
                                batch_size=e.batch_size, vocab_size=d.vocab_size)
 
