@@ -46,17 +46,14 @@ def test_demo_student_equal_to_teacher_has_zero_reference_kl(tiny_dirs, tmp_path
     assert summary["response_len_before"] == pytest.approx(summary["teacher_response_len"])
 
 
-def test_reference_kl_on_own_responses_equals_evaluate(tiny_dirs):
+def test_reference_kl_on_own_responses_equals_evaluate(tiny_dirs, tmp_path):
     """reference_reverse_kl on the student's own greedy responses is evaluate()'s eval/reverse_kl."""
     from opdkit.config import DistillConfig, load_config
     from opdkit.evaluation import evaluate, reference_responses, reference_reverse_kl
     from opdkit.train import Distiller
     from tests.conftest import addition_rows, write_jsonl
 
-    import tempfile
-    from pathlib import Path
-
-    tmp = Path(tempfile.mkdtemp())
+    tmp = tmp_path
     prompts = write_jsonl(tmp / "p.jsonl", addition_rows(12))
     cfg = load_config(DistillConfig, None, [f"student.path={tiny_dirs['student']}",
                                             f"teacher.path={tiny_dirs['teacher']}", f"data.train={prompts}",
