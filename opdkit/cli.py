@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError
+from .errors import UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -133,18 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + e.signum
         print(f"opdkit {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # user-facing errors with clear messages; tracebacks with -v
-        from .data import DatasetError
-        from .models import ModelNotFoundError, TokenizerMismatchError
-        from .engines.logprobs import EngineError
-        from .train import TrainingDiverged
-
-        if isinstance(e, (DatasetError, ModelNotFoundError, TokenizerMismatchError, TrainingDiverged, ValueError,
-                          EngineError)) \
-                and not args.verbose:
-            print(f"opdkit {args.command}: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except UserError as e:  # one line the user can act on; -v shows where it came from. Anything else is a bug
+        if args.verbose:
+            raise
+        print(f"opdkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(UserError, ValueError):
+    """An invalid config key or value; the CLI prints it and exits 2."""
 
 
 def _help(text: str, **kw) -> Any:
