@@ -94,12 +94,14 @@ class ProbeThresholds:
 
 @dataclass
 class ProbeConfig:
+    RENAMED = {"samples_per_prompt": "n"}  # old names, read with a deprecation warning (n as in rollout.n)
+
     student: str = _help("student: HF model directory, .gguf file or bundled name", default="")
     teacher: str = _help("teacher (HF model directory, .gguf file or bundled name)", default="")
     teachers: list = _help("several candidate teachers to rank for the student", default_factory=list)
     prompts: str = _help("prompt file (.jsonl/.parquet, the same schemas as distill's data.train)", default="")
     n_prompts: int = _help("prompts sampled (seeded) from the file", default=32)
-    samples_per_prompt: int = _help("rollouts per prompt for each model", default=1)
+    n: int = _help("rollouts per prompt for each model", default=1)
     max_new_tokens: int = _help("maximum response length", default=64)
     temperature: float = _help("sampling temperature of both models, and the student's scoring temperature",
                                default=1.0)
@@ -140,7 +142,7 @@ class ProbeConfig:
             raise ConfigError("give a teacher (--teacher T) or several (--teachers T1 T2 ...)")
         if not self.prompts:
             raise ConfigError("prompts is required (--prompts FILE.jsonl)")
-        for key in ("n_prompts", "samples_per_prompt", "max_new_tokens", "k", "batch_size", "chunk_size",
+        for key in ("n_prompts", "n", "max_new_tokens", "k", "batch_size", "chunk_size",
                     "temperature", "teacher_temperature"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
@@ -535,8 +537,8 @@ def _sample_examples(cfg: ProbeConfig, tokenizer) -> list[Example]:
 
 def _generate(model, prompts: list[list[int]], cfg: ProbeConfig, *, eos_ids: list[int], pad_id: int, topk: int,
               seed: int, vocab_size: int) -> Rollout:
-    """``samples_per_prompt`` responses per prompt, sampled in row batches (row seeds ignore the batching)."""
-    n = cfg.samples_per_prompt
+    """``n`` responses per prompt, sampled in row batches (row seeds ignore the batching)."""
+    n = cfg.n
     rows = [p for p in prompts for _ in range(n)]
     index = [i for i in range(len(prompts)) for _ in range(n)]
     parts = []
@@ -814,7 +816,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     ranking = rank(results)
     best = next(r for r in results if r["teacher"] == ranking[0]["teacher"])
     out = dict(best)
-    out.update({"prompts": cfg.prompts, "n_prompts": len(s.examples), "samples_per_prompt": cfg.samples_per_prompt,
+    out.update({"prompts": cfg.prompts, "n_prompts": len(s.examples), "samples_per_prompt": cfg.n,
                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "teacher_temperature": cfg.teacher_temperature, "seed": cfg.seed,
                 "thresholds": {k: getattr(cfg.thresholds, k) for k in cfg.thresholds.__dataclass_fields__},
