@@ -16,15 +16,18 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(UserError, ValueError):
+    """An invalid config key or value; the CLI prints it and exits 2."""
 
 
 def _help(text: str, **kw) -> Any:
@@ -405,11 +408,36 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# A dataclass renames a key by mapping old -> new names in a ``RENAMED`` class attribute; the old name is read
+# as the new one, with a deprecation warning, for one release.
+def renamed_keys(cls: type) -> dict[str, str]:
+    return dict(getattr(cls, "RENAMED", {}))
+
+
+def _apply_renames(cls: type, data: dict, prefix: str) -> dict:
+    renamed = renamed_keys(cls)
+    if not any(key in renamed for key in data):
+        return data
+    out = {}
+    for key, value in data.items():
+        new = renamed.get(key)
+        if new is None:
+            out[key] = value
+            continue
+        if new in data:
+            raise ConfigError(f"'{prefix}{key}' is the old name of '{prefix}{new}': give only '{prefix}{new}'")
+        warnings.warn(f"config key '{prefix}{key}' is deprecated and will be removed in the next release: use "
+                      f"'{prefix}{new}'", FutureWarning, stacklevel=2)
+        out[new] = value
+    return out
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    data = _apply_renames(cls, data, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
-        if key not in hints:
+        if key not in names:
             where = f"in '{prefix.rstrip('.')}'" if prefix else "at the top level"
             raise ConfigError(f"unknown config key '{prefix}{key}'; allowed keys {where}: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
@@ -512,6 +540,16 @@ def dump_yaml(cfg: Any) -> str:
 
     head = "".join(f"# {line}\n" for line in precision_lines(cfg))
     return head + yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def describe_renames(cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """(old dotted key, new dotted key) of every renamed key of ``cls`` and its sections."""
+    rows = [(prefix + old, prefix + new) for old, new in renamed_keys(cls).items()]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe_renames(hints[f.name], prefix + f.name + ".")
+    return rows
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -485,7 +485,7 @@ def eval_and_rollout_recipes(ctx: Context) -> dict:
     toy = json.loads(out.read_text())["benchmarks"]["toy"]
     expect(toy["problems"] == 4 and toy["samples_per_problem"] == 4, f"eval report {toy}")
     rollout_out = ctx.root / "rollout.jsonl"
-    code = main(["rollout", f"model.path={d['student']}", f"data.path={d['prompts']}", f"output.path={rollout_out}",
+    code = main(["rollout", f"model.path={d['student']}", f"data.train={d['prompts']}", f"output.path={rollout_out}",
                  "data.limit=2", f"model.device={ctx.device}", "sampling.max_new_tokens=8",
                  "filter.require_answer=false", "filter.drop_truncated=false", "filter.repetition_chars=0"])
     expect(code == 0, f"opdkit rollout exited {code}")

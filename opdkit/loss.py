@@ -14,6 +14,7 @@ import torch
 
 from . import objectives as obj
 from .config import ObjectiveConfig
+from .errors import InvalidInput
 from .scoring import TeacherScores
 from .student import StudentOutputs
 
@@ -59,7 +60,7 @@ def check_teacher_supports(cfg: ObjectiveConfig, capabilities: frozenset[str], e
     if missing:
         where = f"teacher.engine={engine}" if engine in ("hf", "vllm", "server") else engine
         what = "topk with objective.strategy=" + cfg.strategy if cfg.name == "topk" else cfg.name
-        raise ValueError(
+        raise InvalidInput(
             f"objective.name={what} needs the teacher's {' and '.join(CAPABILITY_WORDS[m] for m in sorted(missing))}, "
             f"which {where} cannot provide (it returns: "
             f"{', '.join(CAPABILITY_WORDS[c] for c in sorted(capabilities))}). "

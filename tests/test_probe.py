@@ -89,7 +89,7 @@ def task(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-PROBE_ARGS = ["k=8", "max_new_tokens=16", "samples_per_prompt=2", "student_dtype=float32",
+PROBE_ARGS = ["k=8", "max_new_tokens=16", "n=2", "student_dtype=float32",
               "sampling_dtype=float32", "teacher_dtype=float32"]
 
 
