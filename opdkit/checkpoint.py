@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointMismatch
+
 CHECKPOINTS = "checkpoints"
 
 
@@ -115,8 +117,8 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
         # Tied embeddings are stored once; anything else missing means a different model.
         missing = [m for m in missing if "lm_head" not in m]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+            raise CheckpointMismatch(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                                     f"unexpected {unexpected[:5]}")
     # map_location: tensors saved from any device load on the CPU (a resume on a CPU-only host, or on ranks
     # that would otherwise all load onto cuda:0); load_state_dict then copies them to each parameter's device.
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError
+from .errors import UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -45,10 +46,35 @@ def _cmd_prune(args) -> int:
     return 0
 
 
+# The config class of every command that reads one (module, class): names, so ``opdkit --help`` stays light.
+COMMAND_CONFIGS = {
+    "distill": ("opdkit.config", "DistillConfig"),
+    "grpo": ("opdkit.config", "DistillConfig"),
+    "demo": ("opdkit.config", "DistillConfig"),
+    "sft": ("opdkit.recipes.sft", "SFTConfig"),
+    "rollout": ("opdkit.recipes.rollout", "RolloutRecipeConfig"),
+    "eval": ("opdkit.recipes.benchmark", "EvalRecipeConfig"),
+    "dedup": ("opdkit.recipes.dedup", "DedupConfig"),
+    "prompts-rewrite": ("opdkit.recipes.prompts", "RewriteConfig"),
+    "prompts-mix": ("opdkit.recipes.prompts", "MixConfig"),
+    "prompts-arithmetic": ("opdkit.recipes.prompts", "ArithmeticConfig"),
+    "probe": ("opdkit.probe", "ProbeConfig"),
+    "study": ("opdkit.study.run", "StudyConfig"),
+}
+
+
+def config_class(command: str) -> type:
+    import importlib
+
+    module, name = COMMAND_CONFIGS[command]
+    return getattr(importlib.import_module(module), name)
+
+
 def _cmd_config(args) -> int:
     from . import config as C
 
-    rows = C.describe(C.DistillConfig)
+    rows = C.describe(config_class(args.for_command))
+    renamed = C.describe_renames(config_class(args.for_command))
     if args.markdown:
         print("| key | default | meaning |\n|---|---|---|")
         for key, default, text in rows:
@@ -56,6 +82,8 @@ def _cmd_config(args) -> int:
         return 0
     for key, default, text in rows:
         print(f"{key:36s} {default:28s} {text}")
+    for old, new in renamed:
+        print(f"{old:36s} {'(deprecated)':28s} old name of {new}")
     return 0
 
 
@@ -80,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (an ordinary HF model)")
     p.set_defaults(func=_cmd_prune)
 
-    p = sub.add_parser("config", help="list every distill config key with its default and meaning")
+    p = sub.add_parser("config", help="list every config key of a command with its default and meaning")
+    p.add_argument("for_command", nargs="?", default="distill", choices=sorted(COMMAND_CONFIGS), metavar="COMMAND",
+                   help=f"the command whose keys to list (default distill): {', '.join(sorted(COMMAND_CONFIGS))}")
     p.add_argument("--markdown", action="store_true", help="as a markdown table (the README's config reference)")
     p.set_defaults(func=_cmd_config)
 
@@ -133,18 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + e.signum
         print(f"opdkit {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # user-facing errors with clear messages; tracebacks with -v
-        from .data import DatasetError
-        from .models import ModelNotFoundError, TokenizerMismatchError
-        from .engines.logprobs import EngineError
-        from .train import TrainingDiverged
-
-        if isinstance(e, (DatasetError, ModelNotFoundError, TokenizerMismatchError, TrainingDiverged, ValueError,
-                          EngineError)) \
-                and not args.verbose:
-            print(f"opdkit {args.command}: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except UserError as e:  # one line the user can act on; -v shows where it came from. Anything else is a bug
+        if args.verbose:
+            raise
+        print(f"opdkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,15 +16,18 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(UserError, ValueError):
+    """An invalid config key or value; the CLI prints it and exits 2."""
 
 
 def _help(text: str, **kw) -> Any:
@@ -158,6 +161,23 @@ class ObjectiveConfig:
     outcome_weight: float = _help("weight of a GRPO-style outcome-reward term (needs answers in the data)",
                                   default=0.0)
     chunk_size: int = _help("positions per chunk of the student's vocabulary projection", default=512)
+    baseline: Literal["none", "vopd"] = _help(
+        "policy-gradient forms (sampled; topk with form=pg): vopd subtracts the detached per-token value "
+        "-KL(p_t||q_t) on the student's top-k (vOPD, arXiv 2605.07865)", default="none")
+    is_correction: Literal["none", "truncated"] = _help(
+        "truncated: weight each token's loss by min(pi_theta/pi_sample, is_clip) on the sampled token, for stale "
+        "or mismatched samplers", default="none")
+    is_clip: float = _help("truncation level C of objective.is_correction=truncated (>= 1)", default=2.0)
+    prune: Literal["none", "downweight", "truncate"] = _help(
+        "Prune-OPD (arXiv 2605.07804): after the top-k overlap stays below prune_threshold for prune_window "
+        "positions, decay later token losses (downweight) or drop them and stop that row's rollout (truncate)",
+        default="none")
+    prune_threshold: float = _help("Prune-OPD: overlap ratio (Eq.6) below which a position counts as drifted",
+                                   default=0.5)
+    prune_window: int = _help("Prune-OPD: consecutive drifted positions that mark a drift; with truncate also the "
+                              "rollout chunk between teacher checks", default=8)
+    prune_decay: float = _help("Prune-OPD downweight: per-token factor on losses after the drift point (0..1)",
+                               default=0.9)
 
 
 @dataclass
@@ -266,6 +286,7 @@ class DistillConfig:
             raise ConfigError("objective.form=kl is KL(p̄||q̄) on the renormalised set, whose weights are the student's "
                               "p̄ by definition: use objective.weighting=student_p, or objective.form=pg to choose "
                               "another weighting")
+        self._validate_objective_extras()
         if len(self.optim.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers, got {self.optim.betas}")
         for key in ("student.device", "teacher.device"):
@@ -278,6 +299,28 @@ class DistillConfig:
             if self.rollout.engine != "hf":
                 raise ConfigError("distributed.strategy=fsdp2 needs rollout.engine=hf (the sharded student syncs "
                                   "its gathered weights into the HF sampler); serve the teacher with vLLM instead")
+
+    def _validate_objective_extras(self) -> None:
+        o = self.objective
+        if o.baseline == "vopd" and not (o.name == "sampled" or (o.name == "topk" and o.form == "pg")):
+            raise ConfigError(f"objective.baseline=vopd applies to the policy-gradient forms (objective.name=sampled, "
+                              f"or topk with objective.form=pg), not objective.name={o.name} with form={o.form}")
+        if o.is_clip < 1:
+            raise ConfigError(f"objective.is_clip must be >= 1 (it truncates a ratio whose on-policy value is 1), "
+                              f"got {o.is_clip}")
+        if o.prune != "none":
+            if not 0 < o.prune_threshold <= 1:
+                raise ConfigError(f"objective.prune_threshold must be in (0, 1] (an overlap ratio), got "
+                                  f"{o.prune_threshold}")
+            if o.prune_window < 1:
+                raise ConfigError(f"objective.prune_window must be >= 1, got {o.prune_window}")
+            if not 0 <= o.prune_decay <= 1:
+                raise ConfigError(f"objective.prune_decay must be in [0, 1], got {o.prune_decay}")
+        if o.prune == "truncate" and (self.teacher.engine != "hf" or self.teacher.route or
+                                      self.rollout.engine != "hf"):
+            raise ConfigError("objective.prune=truncate scores the rollout with the teacher while it is generated, "
+                              "which needs rollout.engine=hf and a local teacher.engine=hf (no teacher.route); "
+                              "use objective.prune=downweight with other engines")
 
     def _validate_engines(self) -> None:
         _positive(self, ["teacher.request_batch_size", "teacher.concurrency", "teacher.timeout"])
@@ -385,11 +428,36 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# A dataclass renames a key by mapping old -> new names in a ``RENAMED`` class attribute; the old name is read
+# as the new one, with a deprecation warning, for one release.
+def renamed_keys(cls: type) -> dict[str, str]:
+    return dict(getattr(cls, "RENAMED", {}))
+
+
+def _apply_renames(cls: type, data: dict, prefix: str) -> dict:
+    renamed = renamed_keys(cls)
+    if not any(key in renamed for key in data):
+        return data
+    out = {}
+    for key, value in data.items():
+        new = renamed.get(key)
+        if new is None:
+            out[key] = value
+            continue
+        if new in data:
+            raise ConfigError(f"'{prefix}{key}' is the old name of '{prefix}{new}': give only '{prefix}{new}'")
+        warnings.warn(f"config key '{prefix}{key}' is deprecated and will be removed in the next release: use "
+                      f"'{prefix}{new}'", FutureWarning, stacklevel=2)
+        out[new] = value
+    return out
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    data = _apply_renames(cls, data, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
-        if key not in hints:
+        if key not in names:
             where = f"in '{prefix.rstrip('.')}'" if prefix else "at the top level"
             raise ConfigError(f"unknown config key '{prefix}{key}'; allowed keys {where}: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
@@ -492,6 +560,16 @@ def dump_yaml(cfg: Any) -> str:
 
     head = "".join(f"# {line}\n" for line in precision_lines(cfg))
     return head + yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def describe_renames(cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """(old dotted key, new dotted key) of every renamed key of ``cls`` and its sections."""
+    rows = [(prefix + old, prefix + new) for old, new in renamed_keys(cls).items()]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe_renames(hints[f.name], prefix + f.name + ".")
+    return rows
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+
+from .errors import UserError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,8 +26,8 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
-    pass
+class DatasetError(UserError, ValueError):
+    """A data file or row opdkit cannot use (the message names the file and row)."""
 
 
 @dataclass
@@ -220,7 +222,7 @@ class PromptSampler:
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
         if n <= 0:
-            raise ValueError("no prompts to sample from")
+            raise DatasetError("no prompts to sample from")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.epoch, self.position = 0, 0
 

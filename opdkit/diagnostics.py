@@ -151,6 +151,42 @@ def reduce_diagnostics(per_position: dict, mask: torch.Tensor, prefix: str = "di
     return out
 
 
+def topk_diagnostics(*, student_ids, teacher_ids, student_logp_S, teacher_logp_S, entropy_student, entropy_teacher,
+                     student_logp_sampled, teacher_logp_sampled, mask: torch.Tensor, k: int,
+                     reverse_kl: torch.Tensor | None = None, prefix: str = "diag/"
+                     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], dict[str, float]]:
+    """The §4 diagnostics of one batch of rollouts, shared by a training step and the probe.
+
+    Inputs are (B, T, k) top-k ids and log-probs on the student's set S^p_t, (B, T) entropies and sampled-token
+    log-probs, and the (B, T) response ``mask``. ``reverse_kl`` (B, T), when given, is the exact per-token
+    KL(p_t‖q_t) reported instead of the one-sample estimate (the probe computes it; a step does not). Returns
+    the per-position values (for windows, ``windowed_diagnostics``) and their means over ``mask``, keyed
+    ``prefix + name``, including the overlap-token advantage of the reference formula.
+    """
+    per_pos = per_position_diagnostics(
+        student_ids=student_ids, teacher_ids=teacher_ids, student_logp_S=student_logp_S,
+        teacher_logp_S=teacher_logp_S, entropy_student=entropy_student, entropy_teacher=entropy_teacher,
+        student_logp_sampled=student_logp_sampled, teacher_logp_sampled=teacher_logp_sampled, k=k)
+    if reverse_kl is not None:
+        per_pos["reverse_kl"] = (reverse_kl, None)
+    out = reduce_diagnostics(per_pos, mask, prefix=prefix)
+    in_both = overlap_membership(student_ids, teacher_ids)
+    ref = overlap_token_advantage_reference(student_logp_S, teacher_logp_S, in_both)
+    out[prefix + "overlap_token_advantage_ref"] = masked_mean(ref, in_both & mask.unsqueeze(-1))
+    return per_pos, out
+
+
+def windowed_diagnostics(per_pos: dict, mask: torch.Tensor, bins: dict[str, tuple[int, int]]
+                         ) -> dict[str, dict[str, float]]:
+    """The ``BINNED`` diagnostics averaged within each [a, b) window of response positions (paper §6.1)."""
+    out = {}
+    for name, (a, b) in bins.items():
+        window = torch.zeros_like(mask)
+        window[:, a:b] = True
+        out[name] = reduce_diagnostics(per_pos, mask & window, prefix="", names=BINNED)
+    return out
+
+
 def step_diagnostics(batch, *, k: int, max_new_tokens: int | None = None,
                      span: int | None = None) -> dict[str, float]:
     """All ``diag/*`` metrics of one step from its detached ``StepBatch`` (no extra forward pass)."""
@@ -170,19 +206,14 @@ def step_diagnostics(batch, *, k: int, max_new_tokens: int | None = None,
             ratio = overlap_ratio(overlap_membership(rollout.topk_ids, scores.topk_ids), k)
             out["diag/overlap_ratio"] = masked_mean(ratio, mask)
         return out
-    per_pos = per_position_diagnostics(
+    per_pos, means = topk_diagnostics(
         student_ids=rollout.topk_ids, teacher_ids=scores.topk_ids, student_logp_S=batch.student_logp_at[..., :k],
         teacher_logp_S=scores.logp_at_student_topk, entropy_student=batch.student_entropy,
         entropy_teacher=scores.entropy, student_logp_sampled=batch.student_logp_sampled,
-        teacher_logp_sampled=scores.sampled_logp, k=k)
-    out.update(reduce_diagnostics(per_pos, mask))
-    in_both = overlap_membership(rollout.topk_ids, scores.topk_ids)
-    ref = overlap_token_advantage_reference(batch.student_logp_at[..., :k], scores.logp_at_student_topk, in_both)
-    out["diag/overlap_token_advantage_ref"] = masked_mean(ref, in_both & mask.unsqueeze(-1))
-    T = mask.shape[1]
-    max_len = max_new_tokens or T
-    for name, (a, b) in position_bins(T, max_len, span or max(1, max_len // 8)).items():
-        window = torch.zeros_like(mask)
-        window[:, a:b] = True
-        out.update(reduce_diagnostics(per_pos, mask & window, prefix=f"diag/{name}/", names=BINNED))
+        teacher_logp_sampled=scores.sampled_logp, mask=mask, k=k)
+    out.update(means)
+    max_len = max_new_tokens or mask.shape[1]
+    bins = position_bins(mask.shape[1], max_len, span or max(1, max_len // 8))
+    for name, values in windowed_diagnostics(per_pos, mask, bins).items():
+        out.update({f"diag/{name}/{key}": v for key, v in values.items()})
     return out

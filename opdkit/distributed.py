@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import InvalidInput
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -51,7 +53,7 @@ def backend_for(device: str) -> str:
         return "gloo"
     if kind == "cuda":
         return "cpu:gloo,cuda:nccl"
-    raise ValueError(f"distributed training supports cpu and cuda devices, not {device!r}")
+    raise InvalidInput(f"distributed training supports cpu and cuda devices, not {device!r}")
 
 
 def resolve_device(device: str, *, local_rank: int = 0, devices_per_rank: int = 1, device_count: int | None = None
@@ -65,7 +67,7 @@ def resolve_device(device: str, *, local_rank: int = 0, devices_per_rank: int = 
     index = local_rank * devices_per_rank + (d.index or 0)
     count = torch.cuda.device_count() if device_count is None else device_count
     if index >= count:
-        raise ValueError(
+        raise InvalidInput(
             f"device {device!r} on local rank {local_rank} ({devices_per_rank} GPU(s) per rank) is cuda:{index}, "
             f"but this machine has {count} visible GPU(s): launch fewer processes per node "
             f"(torchrun --nproc_per_node) or set CUDA_VISIBLE_DEVICES")

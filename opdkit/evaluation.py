@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import objectives as obj
-from .answers import score_response
+from .answers import has_final_answer, score_response
 from .student import student_forward
 
 
@@ -25,7 +25,7 @@ def evaluate(*, student, engine, teacher, tokenizer, examples, teacher_prompts, 
              batch_size: int, pad_id: int, vocab_size: int, chunk_size: int = 512) -> tuple[dict, list[dict]]:
     """Return (metrics, samples). ``teacher_prompts`` are the teacher's prompt ids for the same examples;
     with ``teacher=None`` only accuracy and length are measured."""
-    kl_sum, tokens, correct, graded, lengths, samples = 0.0, 0, 0.0, 0, [], []
+    kl_sum, tokens, correct, graded, answered, lengths, samples = 0.0, 0, 0.0, 0, 0, [], []
     was_training = student.training
     student.eval()
     try:
@@ -50,6 +50,7 @@ def evaluate(*, student, engine, teacher, tokenizer, examples, teacher_prompts, 
                 score = score_response(text, ex.answer)
                 if score is not None:
                     correct, graded = correct + score, graded + 1
+                    answered += has_final_answer(text)
                 lengths.append(n_tok)
                 sample = {"prompt": ex.messages[-1]["content"], "response": text, "answer": ex.answer,
                           "correct": score, "truncated": trunc}
@@ -63,4 +64,68 @@ def evaluate(*, student, engine, teacher, tokenizer, examples, teacher_prompts, 
         metrics["eval/reverse_kl"] = kl_sum / max(tokens, 1)
     if graded:
         metrics["eval/accuracy"] = correct / graded
+        metrics["eval/answered"] = answered / graded
     return metrics, samples
+
+
+@torch.no_grad()
+def reference_responses(model, prompts: list[list[int]], answers: list[str | None], tokenizer, *, eos_ids: list[int],
+                        pad_id: int, max_new_tokens: int, batch_size: int, vocab_size: int | None = None) -> dict:
+    """Greedy responses of ``model`` (typically the teacher) to fixed prompts, graded like ``evaluate``.
+
+    Returns a dict with ``response_ids`` (B, T), ``response_mask`` (B, T), ``texts``, and ``accuracy``,
+    ``answered`` (fraction with an explicit final answer) and ``len_mean`` over the B prompts.
+    """
+    from .rollout import sample
+
+    was_training = model.training
+    model.eval()
+    ids, masks = [], []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            resp, mask, _, _, _ = sample(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
+                                         eos_ids=eos_ids, pad_id=pad_id, greedy=True, vocab_size=vocab_size)
+            ids.append(resp)
+            masks.append(mask)
+    finally:
+        model.train(was_training)
+    width = max(r.shape[1] for r in ids)
+    response_ids = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=pad_id) for r in ids])
+    response_mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1]), value=False) for m in masks])
+    texts = decode_responses(tokenizer, response_ids, response_mask)
+    scores = [score_response(t, a) for t, a in zip(texts, answers)]
+    graded = [s for s in scores if s is not None]
+    out = {"response_ids": response_ids, "response_mask": response_mask, "texts": texts,
+           "len_mean": float(response_mask.sum(-1).float().mean())}
+    if graded:
+        out["accuracy"] = sum(graded) / len(graded)
+        out["answered"] = sum(has_final_answer(t) for t, s in zip(texts, scores) if s is not None) / len(graded)
+    return out
+
+
+@torch.no_grad()
+def reference_reverse_kl(*, student, teacher, prompts: list[list[int]], teacher_prompts: list[list[int]],
+                         response_ids: torch.Tensor, response_mask: torch.Tensor, batch_size: int, pad_id: int,
+                         vocab_size: int, chunk_size: int = 512) -> float:
+    """Exact full-vocabulary reverse KL(q_student || p_teacher) per token on *fixed* responses (B, T).
+
+    Unlike ``evaluate``, which scores the student's own greedy responses, the tokens scored here do not move
+    with the student, so a student that stops at once (one-token responses) cannot make the figure small.
+    """
+    was_training = student.training
+    student.eval()
+    kl_sum, tokens = 0.0, 0
+    try:
+        for start in range(0, len(prompts), batch_size):
+            sl = slice(start, start + batch_size)
+            ids, mask = response_ids[sl], response_mask[sl]
+            scores = teacher.score(teacher_prompts[sl], ids, mask, k=0, keep_hidden=True)
+            row_kl = student_forward(student, prompts[sl], ids, mask, pad_id=pad_id, vocab_size=vocab_size,
+                                     chunk_size=chunk_size, compute_dtype=None, head_dtype=torch.float32,
+                                     full_fn=obj.reverse_kl, teacher_hidden=scores.hidden,
+                                     teacher_head=teacher.head_logits).full_loss
+            kl_sum += float(row_kl[mask].sum())
+            tokens += int(mask.sum())
+    finally:
+        student.train(was_training)
+    return kl_sum / max(tokens, 1)

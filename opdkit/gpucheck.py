@@ -298,12 +298,19 @@ def torchrun_launches(ctx: Context) -> dict:
 def resume(ctx: Context) -> dict:
     common = {"student.compute_dtype": "float32", "student.sampling_dtype": "float32", "optim.lr": 1e-2,
               "run.save_every": 2}
-    a = _distill(ctx, ctx.root / "res_a", **{**common, "run.steps": 4})
-    a.run()
-    b = _distill(ctx, ctx.root / "res_b", **{**common, "run.steps": 2})
-    b.run()
-    c = _distill(ctx, ctx.root / "res_b", **{**common, "run.steps": 4, "run.resume": True})
-    c.run()
+    # CUDA's atomics (gather/index backward) sum in a varying order; exact resume needs deterministic kernels
+    # (CUBLAS_WORKSPACE_CONFIG is set by scripts/gpu-check.sh before CUDA starts).
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        a = _distill(ctx, ctx.root / "res_a", **{**common, "run.steps": 4})
+        a.run()
+        b = _distill(ctx, ctx.root / "res_b", **{**common, "run.steps": 2})
+        b.run()
+        c = _distill(ctx, ctx.root / "res_b", **{**common, "run.steps": 4, "run.resume": True})
+        c.run()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     diff = float((_weights(a.student) - _weights(c.student)).abs().max())
     expect(diff <= 1e-6, f"4 steps vs 2 + resume differ by {diff:g}")
     from .checkpoint import latest_checkpoint
@@ -478,7 +485,7 @@ def eval_and_rollout_recipes(ctx: Context) -> dict:
     toy = json.loads(out.read_text())["benchmarks"]["toy"]
     expect(toy["problems"] == 4 and toy["samples_per_problem"] == 4, f"eval report {toy}")
     rollout_out = ctx.root / "rollout.jsonl"
-    code = main(["rollout", f"model.path={d['student']}", f"data.path={d['prompts']}", f"output.path={rollout_out}",
+    code = main(["rollout", f"model.path={d['student']}", f"data.train={d['prompts']}", f"output.path={rollout_out}",
                  "data.limit=2", f"model.device={ctx.device}", "sampling.max_new_tokens=8",
                  "filter.require_answer=false", "filter.drop_truncated=false", "filter.repetition_chars=0"])
     expect(code == 0, f"opdkit rollout exited {code}")
@@ -496,8 +503,9 @@ def tiny_pair_matches_cpu(ctx: Context) -> dict:
 
     if not ctx.cuda:
         return {"skipped": "the device is the CPU"}
+    # optim.eps 1e-4: Adam would turn rounding-sized gradient differences (~1e-12) into lr-sized updates
     common = {"student.compute_dtype": "float32", "student.sampling_dtype": "float32", "teacher.dtype": "float32",
-              "optim.lr": 1e-2}
+              "optim.lr": 1e-2, "optim.eps": 1e-4}
     runs = {}
     for dev in ("cpu", str(ctx.device)):
         d = _distill(ctx, ctx.root / f"parity_{dev.replace(':', '')}", **{**common, "student.device": dev,
@@ -507,19 +515,25 @@ def tiny_pair_matches_cpu(ctx: Context) -> dict:
         scores = d.score(ro).to("cpu", hidden=False)
         greedy = sample(d.engine.model, [d.train_set[i].prompt_ids for i in idx], max_new_tokens=8,
                         eos_ids=d.eos_ids, pad_id=d.pad_id, greedy=True)[0]
-        losses = [d.opd_step(s)[0]["opd/loss"] for s in (1, 2)]
-        runs[dev] = (ro, scores, greedy, losses, _weights(d.student))
-    (c_ro, c_sc, c_gr, c_loss, c_w), (g_ro, g_sc, g_gr, g_loss, g_w) = runs["cpu"], runs[str(ctx.device)]
+        steps = [d.opd_step(s) for s in (1, 2)]
+        losses = [m["opd/loss"] for m, _ in steps]
+        step_tokens = [b.rollout.response_ids for _, b in steps]
+        runs[dev] = (ro, scores, greedy, losses, _weights(d.student), step_tokens)
+    (c_ro, c_sc, c_gr, c_loss, c_w, c_tok), (g_ro, g_sc, g_gr, g_loss, g_w, g_tok) = (runs["cpu"],
+                                                                                    runs[str(ctx.device)])
     expect(torch.equal(c_gr, g_gr), "greedy rollouts differ")
     same_rows = [i for i in range(len(c_ro)) if torch.equal(c_ro.response_ids[i], g_ro.response_ids[i])]
     sampled_agree = len(same_rows) / len(c_ro)
     score_diff = float((c_sc.sampled_logp[same_rows] - g_sc.sampled_logp[same_rows]).abs().max()) if same_rows else None
     weight_diff = float((c_w - g_w).abs().max())
+    same_steps = all(torch.equal(a, b) for a, b in zip(c_tok, g_tok))
     expect(sampled_agree >= 0.5, f"only {sampled_agree:.2f} of sampled rows agree with the CPU")
     expect(score_diff is None or score_diff < 1e-3, f"teacher scores differ by {score_diff}")
-    expect(weight_diff < 1e-2, f"weights after 2 steps differ by {weight_diff}")
+    # a sample that flips at a CDF boundary (logits differ by ~1e-6 across devices) trains on other tokens
+    expect(not same_steps or weight_diff < 5e-3, f"weights after 2 identical steps differ by {weight_diff}")
     return {"sampled_rows_identical": sampled_agree, "teacher_sampled_logp_max_diff": score_diff,
-            "losses_cpu": c_loss, "losses_device": g_loss, "weights_max_diff_after_2_steps": weight_diff}
+            "losses_cpu": c_loss, "losses_device": g_loss, "training_rollouts_identical": same_steps,
+            "weights_max_diff_after_2_steps": weight_diff}
 
 
 @check("step_cost_0p5b_pair")

@@ -37,6 +37,7 @@ from typing import Any, Callable, Protocol
 import torch
 import yaml
 
+from .errors import UserError
 from .checkpoint import checkpoints_newest_first, remove_partial_writes, verify_checkpoint
 from .config import ConfigError, dump_yaml
 from .fsdp import all_ranks_true, clip_grad_norm, local_shards
@@ -48,8 +49,8 @@ def say(text: str) -> None:
     console.print(text, soft_wrap=True, highlight=False)
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss stopped being finite; the message says where and what to try."""
 
 
 class Preempted(KeyboardInterrupt):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointMismatch, InvalidInput, MissingDependency
+
 
 def apply_lora(model, student_cfg, seed: int = 0):
     """Wrap ``model`` with LoRA adapters of rank ``student.lora_rank`` on ``student.lora_target_modules``.
@@ -22,12 +24,12 @@ def apply_lora(model, student_cfg, seed: int = 0):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise RuntimeError("student.lora_rank > 0 needs peft: pip install 'opdkit[lora]'") from None
+        raise MissingDependency("student.lora_rank > 0 needs peft: pip install 'opdkit[lora]'") from None
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in student_cfg.lora_target_modules if m not in names]
     if missing:
-        raise ValueError(f"student.lora_target_modules: {missing} are not modules of the student "
-                         f"({type(model).__name__}); e.g. {sorted(n for n in names if n.endswith('proj'))[:8]}")
+        raise InvalidInput(f"student.lora_target_modules: {missing} are not modules of the student "
+                           f"({type(model).__name__}); e.g. {sorted(n for n in names if n.endswith('proj'))[:8]}")
     config = LoraConfig(r=student_cfg.lora_rank, lora_alpha=student_cfg.lora_alpha,
                         target_modules=list(student_cfg.lora_target_modules), lora_dropout=0.0, bias="none",
                         task_type="CAUSAL_LM")
@@ -80,4 +82,5 @@ def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise RuntimeError(f"the checkpoint's LoRA adapters do not fit the student: unexpected keys {unexpected[:5]}")
+        raise CheckpointMismatch(f"the checkpoint's LoRA adapters do not fit the student: unexpected keys "
+                                 f"{unexpected[:5]}")

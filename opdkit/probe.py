@@ -37,8 +37,8 @@ from .answers import score_response
 from .compat import compare_special_tokens, compare_templates, think_fraction, thinking_support
 from .config import AUTO_DTYPE_HELP, ConfigError, Dtype, _help, load_config
 from .data import Example, load_prompts, render_prompt
-from .diagnostics import (BINNED, auroc, masked_mean, overlap_membership, overlap_token_advantage_reference,
-                          per_position_diagnostics, position_bins, reduce_diagnostics, sequence_mean_reward)
+from .diagnostics import (auroc, masked_mean, position_bins, sequence_mean_reward, topk_diagnostics,
+                          windowed_diagnostics)
 from .distributed import pad_cat
 from .evaluation import decode_responses
 from .models import (DTYPES, TokenizerMismatchError, check_tokenizers, eos_token_ids, freeze, load_causal_lm,
@@ -90,16 +90,21 @@ class ProbeThresholds:
         "share of prompts the teacher solves and the student does not, below which the teacher adds nothing",
         default=0.1)
     min_graded_prompts: int = _help("fewer prompts with answers than this: no capability verdict", default=8)
+    vopd_ratio: float = _help(
+        "vOPD's baseline shrinking the sampled-token gradient's second moment below this share = recommend "
+        "objective.baseline=vopd for the policy-gradient forms", default=0.8)
 
 
 @dataclass
 class ProbeConfig:
+    RENAMED = {"samples_per_prompt": "n"}  # old names, read with a deprecation warning (n as in rollout.n)
+
     student: str = _help("student: HF model directory, .gguf file or bundled name", default="")
     teacher: str = _help("teacher (HF model directory, .gguf file or bundled name)", default="")
     teachers: list = _help("several candidate teachers to rank for the student", default_factory=list)
     prompts: str = _help("prompt file (.jsonl/.parquet, the same schemas as distill's data.train)", default="")
     n_prompts: int = _help("prompts sampled (seeded) from the file", default=32)
-    samples_per_prompt: int = _help("rollouts per prompt for each model", default=1)
+    n: int = _help("rollouts per prompt for each model", default=1)
     max_new_tokens: int = _help("maximum response length", default=64)
     temperature: float = _help("sampling temperature of both models, and the student's scoring temperature",
                                default=1.0)
@@ -140,7 +145,7 @@ class ProbeConfig:
             raise ConfigError("give a teacher (--teacher T) or several (--teachers T1 T2 ...)")
         if not self.prompts:
             raise ConfigError("prompts is required (--prompts FILE.jsonl)")
-        for key in ("n_prompts", "samples_per_prompt", "max_new_tokens", "k", "batch_size", "chunk_size",
+        for key in ("n_prompts", "n", "max_new_tokens", "k", "batch_size", "chunk_size",
                     "temperature", "teacher_temperature"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
@@ -212,98 +217,103 @@ class SelfCheck:
                 f"teacher reads the prompt the student saw. Every OPD signal from this setup would be wrong.")
 
 
-def decide(r: dict, th: ProbeThresholds) -> dict:
-    """The verdict, its reasons and the recommended recipe from one teacher's probe numbers (paper §3-§5).
+@dataclass
+class Finding:
+    """What one check of ``decide`` concluded. ``notes`` are observations it records whatever the outcome;
+    ``issue`` (a ``VERDICTS`` name, None when the check passes) comes with the ``reasons`` behind it and the
+    recipe ``step`` that fixes it. A ``final`` issue stops the verdict: nothing measured after it can be trusted."""
 
-    Checks run from the most to the least fundamental: scoring setup, template and end-of-turn, thinking
-    pattern and support overlap, new capability. The verdict is the first that fires (what to do first);
-    ``issues`` lists all that fired, and the recipe every fix that applies, in order, ending with
-    distillation when it can follow.
-    """
-    reasons: list[str] = []
-    recipe: list[str] = []
-    fired: list[str] = []
+    notes: list[str] = field(default_factory=list)
+    issue: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    step: str = ""
+    final: bool = False
 
-    if r.get("tokenizer_error"):
-        reasons.append(f"tokenizers are incompatible: {r['tokenizer_error']}")
-        return {"verdict": "incompatible_tokenizer", "issues": ["incompatible_tokenizer"], "reasons": reasons,
-                "recipe": ["pick a teacher that shares the student's tokenizer (same model family); OPD scores "
-                           "the student's token ids with the teacher"]}
 
+def check_tokenizer(r: dict, th: ProbeThresholds) -> Finding:
+    """OPD scores the student's token ids with the teacher: they must mean the same tokens."""
+    if not r.get("tokenizer_error"):
+        return Finding()
+    return Finding(issue="incompatible_tokenizer", final=True,
+                   reasons=[f"tokenizers are incompatible: {r['tokenizer_error']}"],
+                   step="pick a teacher that shares the student's tokenizer (same model family); OPD scores the "
+                        "student's token ids with the teacher")
+
+
+def check_self_consistency(r: dict, th: ProbeThresholds) -> Finding:
+    """The teacher against itself must give KL ≈ 0; otherwise every other number shares the broken alignment."""
     sc = r["self_check"]
-    if not sc["passed"]:  # every other number shares the broken alignment: stop here
-        return {"verdict": "fix_setup", "issues": ["fix_setup"], "reasons": [sc["message"]],
-                "recipe": ["fix the scoring setup (teacher_temperature = temperature, prompt/response alignment) "
-                           "and probe again; nothing else here can be trusted until the self-check passes"]}
-    reasons.append(f"self-check passed (teacher vs itself: {sc['reverse_kl']:.1e} nats/token)")
+    if sc["passed"]:
+        return Finding(notes=[f"self-check passed (teacher vs itself: {sc['reverse_kl']:.1e} nats/token)"])
+    return Finding(issue="fix_setup", final=True, reasons=[sc["message"]],
+                   step="fix the scoring setup (teacher_temperature = temperature, prompt/response alignment) and "
+                        "probe again; nothing else here can be trusted until the self-check passes")
 
-    # Template and end-of-turn: the teacher must read the conversation in a layout it knows (§5.2a).
-    eos = r["eos"]
-    template_fixes = []
+
+def _eos_fixes(r: dict, th: ProbeThresholds) -> list[str]:
+    eos, fixes = r["eos"], []
     if not eos["student_eos_is_teacher_eos"]:
-        template_fixes.append(f"the student ends turns with {eos['student_eos_tokens']} but the teacher with "
-                              f"{eos['teacher_eos_tokens']}")
+        fixes.append(f"the student ends turns with {eos['student_eos_tokens']} but the teacher with "
+                     f"{eos['teacher_eos_tokens']}")
     eos_logp = eos.get("teacher_logp_student_eos_at_teacher_end")
     if eos_logp is not None and eos_logp < th.min_eos_logp:
-        template_fixes.append(f"where the teacher ends its own turn it gives the student's end-of-turn token "
-                              f"log-prob {eos_logp:.1f} (< {th.min_eos_logp})")
+        fixes.append(f"where the teacher ends its own turn it gives the student's end-of-turn token log-prob "
+                     f"{eos_logp:.1f} (< {th.min_eos_logp})")
+    return fixes
+
+
+def _rendering_notes_and_fixes(r: dict, th: ProbeThresholds) -> tuple[list[str], list[str]]:
     ta = r.get("template_alignment")
-    if ta:
-        shift, kl = ta["shift_reverse_kl"], r["reverse_kl"]
-        share = shift / kl if kl else math.inf
-        got, alt = ta["renderings"][ta["configured"]], ta["renderings"][ta["better"]]
-        gain = (alt["accuracy"] - got["accuracy"]) if alt["accuracy"] is not None else 0.0
-        note = (f"the chat templates render the prompt differently; the template alone moves the teacher by "
-                f"{shift:.3f} nats/token ({share:.0%} of the initial reverse KL)")
-        if ta["better"] == ta["configured"]:
-            reasons.append(f"{note}; the teacher reads the {ta['configured']} rendering, which suits it best "
-                           f"(accuracy {_fmt(got['accuracy'])}, finished {got['ended']:.0%})")
-        else:
-            where = (f"the teacher does better reading the {ta['better']} rendering (accuracy "
-                     f"{_fmt(alt['accuracy'])} vs {_fmt(got['accuracy'])}, finished {alt['ended']:.0%} vs "
-                     f"{got['ended']:.0%})")
-            if share > th.template_shift_share or gain >= th.template_accuracy_gain:
-                template_fixes.append(f"{note}, and {where}: use teacher.chat_template={ta['better']}")
-            else:
-                reasons.append(f"{note}; {where}, a difference too small to act on")
-    else:
-        reasons.append("both templates render the prompt identically")
-    misaligned = bool(template_fixes)
-    if misaligned:
-        reasons += template_fixes
-        fired.append("align_template")
-        recipe.append("give the teacher its aligned template: the rendering it does better with (teacher."
-                      "chat_template), the student's end-of-turn token mapped to the teacher's, and prompts in the "
-                      "teacher's post-training format (paper §5.2a: the teacher-aligned template raised the "
-                      "initial overlap and the recovered gap from ~80% to ~85%)")
+    if not ta:
+        return ["both templates render the prompt identically"], []
+    shift, kl = ta["shift_reverse_kl"], r["reverse_kl"]
+    share = shift / kl if kl else math.inf
+    got, alt = ta["renderings"][ta["configured"]], ta["renderings"][ta["better"]]
+    gain = (alt["accuracy"] - got["accuracy"]) if alt["accuracy"] is not None else 0.0
+    note = (f"the chat templates render the prompt differently; the template alone moves the teacher by "
+            f"{shift:.3f} nats/token ({share:.0%} of the initial reverse KL)")
+    if ta["better"] == ta["configured"]:
+        return [f"{note}; the teacher reads the {ta['configured']} rendering, which suits it best (accuracy "
+                f"{_fmt(got['accuracy'])}, finished {got['ended']:.0%})"], []
+    where = (f"the teacher does better reading the {ta['better']} rendering (accuracy {_fmt(alt['accuracy'])} vs "
+             f"{_fmt(got['accuracy'])}, finished {alt['ended']:.0%} vs {got['ended']:.0%})")
+    if share > th.template_shift_share or gain >= th.template_accuracy_gain:
+        return [], [f"{note}, and {where}: use teacher.chat_template={ta['better']}"]
+    return [f"{note}; {where}, a difference too small to act on"], []
 
-    def fire(issue: str, why: list[str], step: str) -> None:
-        """Record a finding; with a misaligned template it is provisional (measured on the wrong layout)."""
-        if misaligned:
-            reasons.extend(f"(with the misaligned template) {w}" for w in why)
-            return
-        reasons.extend(why)
-        fired.append(issue)
-        recipe.append(step)
 
-    # Thinking pattern and support overlap (§3.1, §5.1): can the student's states be scored meaningfully?
-    # The overlap ratio counts every top-k slot alike; with peaked distributions most slots hold negligible
-    # probability and their order is noise, so a low ratio is a mismatch only if the shared set also misses
-    # the mass (the paper's complementary check, App. C.2).
-    pattern = []
+def check_template(r: dict, th: ProbeThresholds) -> Finding:
+    """The teacher must read the conversation in a layout it knows, and end turns where the student does (§5.2a)."""
+    notes, fixes = _rendering_notes_and_fixes(r, th)
+    fixes = _eos_fixes(r, th) + fixes
+    return Finding(notes=notes, issue="align_template" if fixes else None, reasons=fixes,
+                   step="give the teacher its aligned template: the rendering it does better with (teacher."
+                        "chat_template), the student's end-of-turn token mapped to the teacher's, and prompts in "
+                        "the teacher's post-training format (paper §5.2a: the teacher-aligned template raised the "
+                        "initial overlap and the recovered gap from ~80% to ~85%)")
+
+
+def check_support(r: dict, th: ProbeThresholds) -> Finding:
+    """Thinking pattern and support overlap (§3.1, §5.1): can the student's states be scored meaningfully?
+
+    The overlap ratio counts every top-k slot alike; with peaked distributions most slots hold negligible
+    probability and their order is noise, so a low ratio is a mismatch only if the shared set also misses the
+    mass (the paper's complementary check, App. C.2).
+    """
+    notes, pattern = [], []
     masses = (f"the shared top-{r['k']} holds {r['overlap_mass_student']:.2f} of the student's and "
               f"{r['overlap_mass_teacher']:.2f} of the teacher's mass")
     mass_ok = min(r["overlap_mass_student"], r["overlap_mass_teacher"]) >= th.min_overlap_mass
     ratio = f"initial top-{r['k']} overlap {r['overlap_ratio']:.2f}"
     if r["overlap_ratio"] >= th.min_overlap_ratio:
-        reasons.append(f"{ratio} ≥ {th.min_overlap_ratio} (paper's working pairs: 0.70-0.76)")
+        notes.append(f"{ratio} ≥ {th.min_overlap_ratio} (paper's working pairs: 0.70-0.76)")
     elif mass_ok:
-        reasons.append(f"{ratio} < {th.min_overlap_ratio}, but {masses} (≥ {th.min_overlap_mass}): the models "
-                       f"disagree only on low-probability tokens")
+        notes.append(f"{ratio} < {th.min_overlap_ratio}, but {masses} (≥ {th.min_overlap_mass}): the models "
+                     f"disagree only on low-probability tokens")
     else:
         pattern.append(f"{ratio} < {th.min_overlap_ratio} (the paper's working pairs start at 0.70-0.76)")
     if mass_ok:
-        reasons.append(f"{masses} (paper: 0.97-0.99)")
+        notes.append(f"{masses} (paper: 0.97-0.99)")
     else:
         pattern.append(f"{masses} (< {th.min_overlap_mass}; paper: 0.97-0.99)")
     think = r["compatibility"]["thinking"]
@@ -311,39 +321,95 @@ def decide(r: dict, th: ProbeThresholds) -> dict:
     if math.isfinite(gap) and gap >= th.think_gap:
         pattern.append(f"thinking pattern differs: think tags in {think['student_rollouts_with_think']:.0%} of "
                        f"student and {think['teacher_rollouts_with_think']:.0%} of teacher rollouts")
-    if pattern:
-        fire("cold_start", pattern, "off-policy cold start first: SFT the student on the teacher's own rollouts, "
-             "filtered to complete, non-repetitive (and correct) responses, then OPD from that checkpoint (paper "
-             "§5.1: the SFT student starts with higher overlap and ends higher)")
+    return Finding(notes=notes, issue="cold_start" if pattern else None, reasons=pattern,
+                   step="off-policy cold start first: SFT the student on the teacher's own rollouts, filtered to "
+                        "complete, non-repetitive (and correct) responses, then OPD from that checkpoint (paper "
+                        "§5.1: the SFT student starts with higher overlap and ends higher)")
 
-    # New capability (§3.2): the teacher must know something the student does not.
+
+def check_new_capability(r: dict, th: ProbeThresholds) -> Finding:
+    """The teacher must know something the student does not (§3.2)."""
     acc = r.get("accuracy")
-    if acc and acc["graded_prompts"] >= th.min_graded_prompts:
-        share = acc["new_capability_share"]
-        summary = (f"teacher accuracy {acc['teacher']:.2f} vs student {acc['student']:.2f}; the teacher solves "
-                   f"{share:.0%} of {acc['graded_prompts']} prompts the student does not")
-        if share < th.min_new_capability:
-            fire("change_teacher", [summary + f" (< {th.min_new_capability:.0%}: no new capability to transfer)"],
-                 "choose another teacher with capability the student lacks (paper §3.2: an RL-post-trained "
-                 "teacher recovered 58.6% of the gap, a same-pipeline one 15.6%) or prompts the teacher solves "
-                 "and the student does not")
-        else:
-            reasons.append(summary)
-    elif acc:
-        reasons.append(f"only {acc['graded_prompts']} prompts have answers (< {th.min_graded_prompts}): "
-                       f"capability not judged")
-    else:
-        reasons.append("the prompts have no answers: the new-capability condition (§3.2) cannot be checked; "
-                       "watch held-out accuracy early in training. If the answers are in another column, map it "
-                       "with columns={answer: <column>}")
+    if not acc:
+        return Finding(notes=["the prompts have no answers: the new-capability condition (§3.2) cannot be checked; "
+                              "watch held-out accuracy early in training. If the answers are in another column, map "
+                              "it with columns={answer: <column>}"])
+    if acc["graded_prompts"] < th.min_graded_prompts:
+        return Finding(notes=[f"only {acc['graded_prompts']} prompts have answers (< {th.min_graded_prompts}): "
+                              f"capability not judged"])
+    share = acc["new_capability_share"]
+    summary = (f"teacher accuracy {acc['teacher']:.2f} vs student {acc['student']:.2f}; the teacher solves "
+               f"{share:.0%} of {acc['graded_prompts']} prompts the student does not")
+    if share >= th.min_new_capability:
+        return Finding(notes=[summary])
+    return Finding(issue="change_teacher",
+                   reasons=[summary + f" (< {th.min_new_capability:.0%}: no new capability to transfer)"],
+                   step="choose another teacher with capability the student lacks (paper §3.2: an RL-post-trained "
+                        "teacher recovered 58.6% of the gap, a same-pipeline one 15.6%) or prompts the teacher "
+                        "solves and the student does not")
 
-    if misaligned:
-        recipe.append("probe again with the aligned template: the overlap and capability numbers above were "
-                      "measured on the misaligned one")
-    elif "change_teacher" not in fired:
-        recipe.append("distil: opdkit distill with this teacher (paper defaults: top-k 16, student top-k set, "
-                      "temperature 1.0); watch diag/overlap_ratio rise and diag/entropy_gap shrink")
-    return {"verdict": fired[0] if fired else "distill", "issues": fired, "reasons": reasons, "recipe": recipe}
+
+# From the most to the least fundamental: scoring setup, template and end-of-turn, thinking pattern and support
+# overlap, new capability.
+CHECKS = (check_tokenizer, check_self_consistency, check_template, check_support, check_new_capability)
+
+
+def closing_step(fired: list[str]) -> str | None:
+    """The recipe's last step: probe again after aligning the template, else distil unless the teacher must go."""
+    if "align_template" in fired:
+        return "probe again with the aligned template: the overlap and capability numbers above were measured on " \
+               "the misaligned one"
+    if "change_teacher" in fired:
+        return None
+    return "distil: opdkit distill with this teacher (paper defaults: top-k 16, student top-k set, temperature " \
+           "1.0); watch diag/overlap_ratio rise and diag/entropy_gap shrink"
+
+
+def vopd_advice(r: dict, th: ProbeThresholds, fired: list[str]) -> Finding:
+    """Advice, not an issue: vOPD's baseline where it measurably shrinks the policy-gradient's second moment."""
+    vopd = r.get("vopd_second_moment_ratio")
+    if vopd is None or not math.isfinite(vopd):
+        return Finding()
+    pg = (f"vOPD's baseline (-KL per token) would scale the sampled-token gradient's second moment by {vopd:.2f} "
+          f"on these rollouts")
+    if vopd < th.vopd_ratio and "align_template" not in fired and "change_teacher" not in fired:
+        return Finding(notes=[pg + f" (< {th.vopd_ratio})"],
+                       step="if you train a policy-gradient form (objective.name=sampled, or objective.form=pg), set "
+                            "objective.baseline=vopd: same expected gradient, lower variance here")
+    return Finding(notes=[pg + ("; keep objective.baseline=none" if vopd >= 1 else "")])
+
+
+def decide(r: dict, th: ProbeThresholds) -> dict:
+    """The verdict, its reasons and the recommended recipe from one teacher's probe numbers (paper §3-§5).
+
+    Runs ``CHECKS`` in order. The verdict is the first issue that fires (what to do first); ``issues`` lists all
+    that fired, and the recipe every fix that applies, in order, ending with ``closing_step``. Once the template
+    is misaligned, later findings are provisional (measured on the wrong layout): their reasons are kept,
+    marked, but they neither fire nor add a step.
+    """
+    reasons: list[str] = []
+    recipe: list[str] = []
+    fired: list[str] = []
+    for check in CHECKS:
+        f = check(r, th)
+        if f.issue and f.final:
+            return {"verdict": f.issue, "issues": [f.issue], "reasons": reasons + f.notes + f.reasons,
+                    "recipe": [f.step]}
+        reasons += f.notes
+        if f.issue is None:
+            continue
+        if "align_template" in fired:
+            reasons += [f"(with the misaligned template) {why}" for why in f.reasons]
+            continue
+        reasons += f.reasons
+        fired.append(f.issue)
+        recipe.append(f.step)
+    advice = vopd_advice(r, th, fired)
+    reasons += advice.notes
+    recipe += [advice.step] if advice.step else []
+    last = closing_step(fired)
+    return {"verdict": fired[0] if fired else "distill", "issues": fired, "reasons": reasons,
+            "recipe": recipe + ([last] if last else [])}
 
 
 def _fmt(x) -> str:
@@ -491,8 +557,8 @@ def _sample_examples(cfg: ProbeConfig, tokenizer) -> list[Example]:
 
 def _generate(model, prompts: list[list[int]], cfg: ProbeConfig, *, eos_ids: list[int], pad_id: int, topk: int,
               seed: int, vocab_size: int) -> Rollout:
-    """``samples_per_prompt`` responses per prompt, sampled in row batches (row seeds ignore the batching)."""
-    n = cfg.samples_per_prompt
+    """``n`` responses per prompt, sampled in row batches (row seeds ignore the batching)."""
+    n = cfg.n
     rows = [p for p in prompts for _ in range(n)]
     index = [i for i in range(len(prompts)) for _ in range(n)]
     parts = []
@@ -517,12 +583,6 @@ def _ended_with(rollout: Rollout, eos_ids: list[int]) -> torch.Tensor:
     """(B, T) True at the EOS token (one of ``eos_ids``) that ended a finished response."""
     is_eos = torch.isin(rollout.response_ids, torch.tensor(eos_ids)) & rollout.response_mask
     return is_eos & ~rollout.truncated[:, None]
-
-
-def _window(mask: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    w = torch.zeros_like(mask)
-    w[:, a:b] = True
-    return w
 
 
 def load_student(cfg: ProbeConfig) -> StudentSide:
@@ -557,17 +617,13 @@ def student_rollout_metrics(s: StudentSide, teacher: HFTeacher, teacher_prompts:
                       temperature=cfg.temperature, k=cfg.k, student_topk_ids=ro.topk_ids,
                       chunk_size=cfg.chunk_size, batch_size=cfg.batch_size)
     mask = ro.response_mask
-    per_pos = per_position_diagnostics(
+    # The step's diagnostics, with the exact full-vocabulary KL in place of the one-sample estimate.
+    per_pos, out = topk_diagnostics(
         student_ids=ro.topk_ids, teacher_ids=pair.teacher.topk_ids, student_logp_S=pair.student_logp_at,
         teacher_logp_S=pair.teacher.logp_at_student_topk, entropy_student=pair.student_entropy,
         entropy_teacher=pair.teacher.entropy, student_logp_sampled=pair.student_logp,
-        teacher_logp_sampled=pair.teacher.sampled_logp, k=cfg.k)
-    sampled_estimate, _ = per_pos.pop("reverse_kl")
-    per_pos["reverse_kl"] = (pair.kl, None)  # the exact full-vocabulary KL replaces the one-sample estimate
-    out = reduce_diagnostics(per_pos, mask, prefix="")
-    in_both = overlap_membership(ro.topk_ids, pair.teacher.topk_ids)
-    ref = overlap_token_advantage_reference(pair.student_logp_at, pair.teacher.logp_at_student_topk, in_both)
-    out["overlap_token_advantage_ref"] = masked_mean(ref, in_both & mask.unsqueeze(-1))
+        teacher_logp_sampled=pair.teacher.sampled_logp, mask=mask, k=cfg.k, reverse_kl=pair.kl, prefix="")
+    sampled_estimate = (pair.student_logp - pair.teacher.sampled_logp).float()
     seq_kl = (pair.kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     out.update({
         "reverse_kl_distribution": distribution(pair.kl[mask]),
@@ -575,10 +631,13 @@ def student_rollout_metrics(s: StudentSide, teacher: HFTeacher, teacher_prompts:
         "reverse_kl_sampled_estimate": masked_mean(sampled_estimate, mask),
         "teacher_logp_student_tokens": masked_mean(pair.teacher.sampled_logp, mask),
         "student_logp_own_tokens": masked_mean(pair.student_logp, mask),
+        # vOPD: the exact value -KL(p_t||q_t) as the baseline, on these rollouts (logit-space second moment)
+        "vopd_second_moment_ratio": None if pair.student_logp_at is None else obj.pg_second_moment_ratio(
+            pair.student_logp, pair.teacher.sampled_logp, -pair.kl, pair.student_logp_at, mask),
     })
     bins = position_bins(mask.shape[1], cfg.max_new_tokens, max(1, cfg.max_new_tokens // 4))
-    out["by_position"] = {name: reduce_diagnostics(per_pos, mask & _window(mask, a, b), prefix="", names=BINNED)
-                          for name, (a, b) in bins.items() if name.startswith("pos_q")}
+    quarters = {name: window for name, window in bins.items() if name.startswith("pos_q")}
+    out["by_position"] = windowed_diagnostics(per_pos, mask, quarters)
     return out, pair
 
 
@@ -780,7 +839,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     ranking = rank(results)
     best = next(r for r in results if r["teacher"] == ranking[0]["teacher"])
     out = dict(best)
-    out.update({"prompts": cfg.prompts, "n_prompts": len(s.examples), "samples_per_prompt": cfg.samples_per_prompt,
+    out.update({"prompts": cfg.prompts, "n_prompts": len(s.examples), "samples_per_prompt": cfg.n,
                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "teacher_temperature": cfg.teacher_temperature, "seed": cfg.seed,
                 "thresholds": {k: getattr(cfg.thresholds, k) for k in cfg.thresholds.__dataclass_fields__},

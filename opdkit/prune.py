@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidInput
+
 log = logging.getLogger(__name__)
 
 # Held-out text for the perplexity search: varied, plain English, no downloads.
@@ -43,8 +45,8 @@ HELDOUT_TEXTS = [
 def decoder_layers(model) -> torch.nn.ModuleList:
     base = getattr(model, model.base_model_prefix)
     if not hasattr(base, "layers"):
-        raise ValueError(f"{type(model).__name__} has no `{model.base_model_prefix}.layers`; layer pruning supports "
-                         f"Llama-style decoders (Llama, Qwen2/3, Mistral, SmolLM, ...)")
+        raise InvalidInput(f"{type(model).__name__} has no `{model.base_model_prefix}.layers`; layer pruning supports "
+                           f"Llama-style decoders (Llama, Qwen2/3, Mistral, SmolLM, ...)")
     return base.layers
 
 
@@ -54,7 +56,7 @@ def prune_layers(model, keep: list[int]):
     n = len(layers)
     bad = [i for i in keep if not 0 <= i < n]
     if bad or not keep or len(set(keep)) != len(keep):
-        raise ValueError(f"keep-list {keep} must name distinct layers in 0..{n - 1}")
+        raise InvalidInput(f"keep-list {keep} must name distinct layers in 0..{n - 1}")
     pruned = copy.deepcopy(model)
     new_layers = torch.nn.ModuleList([decoder_layers(pruned)[i] for i in keep])
     for j, layer in enumerate(new_layers):
@@ -92,7 +94,7 @@ def greedy_keep_list(model, tokenizer, layers: int, texts: list[str] | None = No
     texts = texts or CALIBRATION_TEXTS
     keep = list(range(len(decoder_layers(model))))
     if not 0 < layers <= len(keep):
-        raise ValueError(f"--layers must be between 1 and {len(keep)}, got {layers}")
+        raise InvalidInput(f"--layers must be between 1 and {len(keep)}, got {layers}")
     original = decoder_layers(model)
     base = getattr(model, model.base_model_prefix)
     trajectory = []
@@ -122,7 +124,7 @@ def prune_command(model_name: str, *, layers: int | None, out: str, keep: str | 
     from .tracking import console
 
     if (layers is None) == (keep is None):
-        raise ValueError("give exactly one of --layers N (greedy search) or --keep 0,1,5,... (explicit keep-list)")
+        raise InvalidInput("give exactly one of --layers N (greedy search) or --keep 0,1,5,... (explicit keep-list)")
     path = resolve_model_path(model_name)
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, "float32")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from .errors import InputNotFound
 from .plots import plot_curves, series
 from .tracking import console, read_metrics
 
@@ -243,8 +244,8 @@ def build_report(run_dirs: list[Path], out: Path, *, samples: int = 4, title: st
     run_dirs = [Path(d) for d in run_dirs]
     for d in run_dirs:
         if not (d / "metrics.jsonl").is_file():
-            raise FileNotFoundError(f"{d} is not an opdkit run directory: it has no metrics.jsonl "
-                                    f"(written by opdkit distill / opdkit demo)")
+            raise InputNotFound(f"{d} is not an opdkit run directory: it has no metrics.jsonl "
+                                f"(written by opdkit distill / opdkit demo)")
     names = run_names(run_dirs)
     runs = {n: read_metrics(d) for n, d in zip(names, run_dirs)}
     out = Path(out)
@@ -298,10 +299,7 @@ def build_report(run_dirs: list[Path], out: Path, *, samples: int = 4, title: st
 def _cmd_report(args) -> int:
     run_dirs = [Path(d) for d in args.run_dirs]
     out = Path(args.out) if args.out else (run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("report.html"))
-    try:
-        path = build_report(run_dirs, out, samples=args.samples, title=args.title or "")
-    except FileNotFoundError as e:
-        raise ValueError(str(e)) from None
+    path = build_report(run_dirs, out, samples=args.samples, title=args.title or "")
     console.print(f"wrote {path} (figures in {path.parent / (path.stem + '_figures')})")
     return 0
 

@@ -96,8 +96,8 @@ def model_vocab_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Te
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int], pad_id: int,
            temperature: float = 1.0, top_p: float = 1.0, topk: int = 0, greedy: bool = False,
-           seeds: list[int] | None = None, vocab_size: int | None = None, min_new_tokens: int = 0
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+           seeds: list[int] | None = None, vocab_size: int | None = None, min_new_tokens: int = 0,
+           stop_hook=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Batched sampling with a KV cache.
 
     Args:
@@ -106,6 +106,9 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
             (``row_uniforms``, computed on the model's device), so a row's sample does not depend on which other
             rows share its batch (sharded and single-process runs sample alike).
         vocab_size: restrict sampling to ids < vocab_size (the ids shared with the teacher).
+        stop_hook: optional f(t, tokens, tops) called after each step with the lists of (B,) tokens and (B, k)
+            top-k ids so far; a (B,) bool it returns stops those rows (they emit pad from then on, and their
+            response mask is the hook's business: see ``drift.DriftStop``).
     Returns:
         response_ids (B, T), response_mask (B, T), sampling_logp (B, T), topk_ids (B, T, k) or None,
         truncated (B,).
@@ -152,6 +155,10 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
         tokens.append(tok)
         logps.append(logp)
         finished |= torch.isin(tok, eos)
+        if stop_hook is not None and (stop := stop_hook(t, tokens, tops)) is not None:
+            finished |= stop.to(device)
+            if bool(finished.all()):  # the hook already synced with the host; use it
+                break
         if (t + 1) % stop_every == 0 and bool(finished.all()):
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=-1)
@@ -213,7 +220,8 @@ class HFRolloutEngine:
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, topk: int, seed: int, greedy: bool = False,
-                 example_index: list[int] | None = None, row_offset: int = 0, min_new_tokens: int = 0) -> Rollout:
+                 example_index: list[int] | None = None, row_offset: int = 0, min_new_tokens: int = 0,
+                 stop_hook=None) -> Rollout:
         rows = [p for p in prompts for _ in range(n)]
         was_training = self.model.training
         self.model.eval()
@@ -222,7 +230,7 @@ class HFRolloutEngine:
                 self.model, rows, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id,
                 temperature=temperature, top_p=top_p, topk=topk, greedy=greedy,
                 seeds=row_seeds(seed, row_offset, len(rows)), min_new_tokens=min_new_tokens,
-                vocab_size=self.vocab_size)
+                vocab_size=self.vocab_size, stop_hook=stop_hook)
         finally:
             self.model.train(was_training)
         index = [i for i in (example_index or range(len(prompts))) for _ in range(n)]

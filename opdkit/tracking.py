@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.console import Console
 
+from .errors import InvalidInput
+
 console = Console(stderr=True)
 
 
@@ -34,8 +36,8 @@ def read_jsonl_rows(path: Path) -> list[dict]:
                 console.print(f"[yellow]{path}: dropped a torn last line {lineno} (a crash while it was written)[/]",
                               soft_wrap=True, highlight=False)
                 continue
-            raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}); only a torn last line is dropped "
-                             f"automatically: repair or delete that line") from None
+            raise InvalidInput(f"{path}, line {lineno}: not valid JSON ({e.msg}); only a torn last line is dropped "
+                               f"automatically: repair or delete that line") from None
     return rows
 
 

@@ -25,6 +25,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sav
 from .config import ConfigError, DistillConfig, dump_yaml
 from .data import Example, PromptSampler, load_prompts, render_prompt
 from .diagnostics import step_diagnostics
+from .drift import DriftStop, cut_rollout, prune_metrics, prune_weights, rollout_drift
 from .distributed import DistInfo, all_gather_objects, all_reduce_gradients, all_reduce_sum, barrier, \
     devices_per_rank, init_from_env, local_rank, pad_cat, resolve_device, shard_bounds
 from .evaluation import decode_responses, evaluate
@@ -158,6 +159,7 @@ class Distiller:
                                      cfg.data.shuffle)
         self.bad_steps = 0
         self.completed = 0
+        self.step_extra: dict = {}  # per-step metrics the stages add (Prune-OPD, importance weights)
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -266,20 +268,32 @@ class Distiller:
                     self.teacher.check_sources([ex.source for ex in examples], [ex.index for ex in examples], name)
             check_teacher_supports(cfg.objective, self.teacher.capabilities,
                                    "teacher.route" if cfg.teacher.route else cfg.teacher.engine)
+            if cfg.objective.prune != "none" and "topk" not in self.teacher.capabilities:
+                raise ConfigError(f"objective.prune={cfg.objective.prune} watches the student-teacher top-k overlap, "
+                                  f"but this teacher engine returns no top-k ids")
             # Top-k ids are gathered for every objective the engine allows: the diagnostics need them.
             self.k = cfg.objective.k if "topk" in self.teacher.capabilities else 0
 
     # -- one step ------------------------------------------------------------------------------------
 
-    def rollout(self, indices: list[int], seed: int) -> Rollout:
+    def rollout(self, indices: list[int], seed: int, stop_hook=None) -> Rollout:
         """Sample this rank's block of the step's prompts (all of them in a single process)."""
         c = self.cfg.rollout
         start, end = shard_bounds(len(indices), self.dist)
         local = indices[start:end]
+        extra = {} if stop_hook is None else {"stop_hook": stop_hook}  # only the HF engine takes a stop hook
         return self.engine.generate([self.train_set[i].prompt_ids for i in local], n=c.n,
                                     temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
                                     topk=self.k, seed=seed, example_index=local, row_offset=start * c.n,
-                                    min_new_tokens=c.min_new_tokens)
+                                    min_new_tokens=c.min_new_tokens, **extra)
+
+    def drift_stop(self, indices: list[int]) -> DriftStop:
+        """Prune-OPD truncate: the teacher scores this rank's rollout rows chunk by chunk while they are sampled."""
+        o = self.cfg.objective
+        start, end = shard_bounds(len(indices), self.dist)
+        rows = [self.train_set[i].teacher_ids for i in indices[start:end] for _ in range(self.cfg.rollout.n)]
+        return DriftStop(self.teacher, rows, k=self.k, threshold=o.prune_threshold, window=o.prune_window,
+                         pad_id=self.pad_id, eos_ids=self.eos_ids, keep_hidden=full_vocab_fn(o) is not None)
 
     def score(self, rollout: Rollout) -> TeacherScores | None:
         if self.teacher is None:
@@ -312,6 +326,13 @@ class Distiller:
             at_ids = torch.cat([topk_ids, scores.topk_ids], -1) if scores.topk_ids is not None else topk_ids
             if scores.topk_ids is not None:
                 valid = obj.candidate_mask(o.strategy, topk_ids, scores.topk_ids)
+        opd_w = None
+        if o.prune == "downweight" and cpu_scores is not None:
+            drift = rollout_drift(rollout, cpu_scores, self.k, o.prune_threshold, o.prune_window)
+            opd_w = prune_weights(drift, rollout.response_mask.shape[1], "downweight", o.prune_decay)
+            self.step_extra.update(prune_metrics(opd_w, rollout.response_mask, drift))
+            opd_w = opd_w.to(scores.sampled_logp.device)
+        is_sum = is_clipped = 0.0
         seq_adv = None
         if o.outcome_weight and rewards is not None:
             seq_adv = obj.group_advantages(rewards_d, rollout.group_size)
@@ -332,7 +353,13 @@ class Distiller:
                 teacher_hidden=None if sub_scores is None else sub_scores.hidden,
                 teacher_head=getattr(self.teacher, "head_logits", None))
             per_token = token_loss(o, out, sub_scores, None if valid is None else valid[rows],
-                                   None if seq_adv is None else seq_adv[rows])
+                                   None if seq_adv is None else seq_adv[rows], None if opd_w is None else opd_w[rows])
+            if o.is_correction == "truncated":
+                sub_mask = sub.response_mask.to(per_token.device)
+                weight = obj.truncated_is_weight(out.logp_sampled, sub.sampling_logp.to(per_token.device), o.is_clip)
+                per_token = per_token * weight
+                is_sum += float((weight * sub_mask).sum())
+                is_clipped += float(((weight >= o.is_clip) & sub_mask).sum())
             loss = obj.aggregate(per_token, sub.response_mask.to(per_token.device), o.aggregation,
                                  num_tokens, num_seqs)
             loss.backward()
@@ -342,6 +369,9 @@ class Distiller:
             entropy.append(out.entropy.cpu())
         if not self.sharded:  # FSDP reduce-scatters the gradients itself
             all_reduce_gradients([p for p in self.student.parameters() if p.requires_grad], self.dist)
+        if o.is_correction == "truncated":
+            self.step_extra["opd/is_weight_mean"] = all_reduce_sum(is_sum, self.dist) / max(num_tokens, 1)
+            self.step_extra["opd/is_clipped_frac"] = all_reduce_sum(is_clipped, self.dist) / max(num_tokens, 1)
         batch = StepBatch(rollout, cpu_scores, torch.cat(logp_sampled),
                           None if logp_at[0] is None else torch.cat(logp_at), torch.cat(entropy), rewards)
         return all_reduce_sum(float(total), self.dist), batch
@@ -355,12 +385,25 @@ class Distiller:
         Returns the step loss and ``finish(optim_metrics) -> (metrics, batch)``, to call after the update."""
         timer = PhaseTimer()
         indices = self.sampler.next_batch()
+        self.step_extra = {}
         with timer("rollout"):
-            rollout = self.rollout(indices, step_seed(self.cfg.run.seed, step))
+            stop = self.drift_stop(indices) if self.cfg.objective.prune == "truncate" else None
+            rollout = self.rollout(indices, step_seed(self.cfg.run.seed, step), stop_hook=stop)
+        if stop is not None:
+            # the teacher's chunks ran inside the decode loop: book them as teacher time
+            timer.seconds["rollout"] -= stop.seconds
+            timer.seconds["teacher"] = stop.seconds
+        with timer("teacher"):
+            if stop is None:
+                scores = self.score(rollout)
+            else:
+                generated = rollout.response_mask.clone()
+                scores, kept = stop.scores(rollout.response_ids, rollout.topk_ids)
+                rollout = cut_rollout(rollout, kept)
+                self.step_extra.update(self._truncate_metrics(stop, generated, kept))
+        with timer("rollout"):
             texts = decode_responses(self.tokenizer, rollout.response_ids, rollout.response_mask)
             rewards = self.outcome_rewards(rollout, texts)
-        with timer("teacher"):
-            scores = self.score(rollout)
         train_start = time.perf_counter()
         loss, batch = self.update(rollout, scores, rewards)
 
@@ -384,7 +427,7 @@ class Distiller:
         diagnostics = {} if scores is None else step_diagnostics(
             batch, k=self.k, max_new_tokens=self.cfg.rollout.max_new_tokens,
             span=self.cfg.diagnostics.position_span or None)
-        metrics = {"opd/loss": loss, **self.core_metrics(batch), **optim_metrics, **diagnostics,
+        metrics = {"opd/loss": loss, **self.core_metrics(batch), **optim_metrics, **diagnostics, **self.step_extra,
                    **{f"time/{k}": v for k, v in timer.seconds.items()}}
         metrics["time/step"] = sum(timer.seconds.values())
         return metrics, batch
@@ -397,6 +440,26 @@ class Distiller:
         self.bad_steps = self.bad_steps + 1 if optim["optim/skipped"] else 0
         self.completed = step
         return finish(optim)
+
+    def _truncate_metrics(self, stop: DriftStop, generated: torch.Tensor, kept: torch.Tensor) -> dict:
+        """Prune-OPD truncate: what the early stop did this step (summed over ranks).
+
+        generated: tokens the student sampled up to each row's EOS or stop (the decode and teacher work);
+        kept: tokens trained on; tokens_saved_bound: max_new_tokens minus the generated length of stopped rows,
+        the most the stop can have saved (a stopped row might have ended sooner on its own)."""
+        T = generated.shape[1]
+        t = torch.arange(T).unsqueeze(0)
+        stopped = stop.stopped_at >= 0
+        live = generated & ~(stopped.unsqueeze(-1) & (t >= stop.stopped_at.unsqueeze(-1)))
+        n_gen = all_reduce_sum(float(live.sum()), self.dist)
+        n_kept = all_reduce_sum(float(kept.sum()), self.dist)
+        bound = float((self.cfg.rollout.max_new_tokens - stop.stopped_at[stopped]).sum())
+        drift = stop.drift
+        return {"prune/drift_frac": all_reduce_sum(float((drift >= 0).sum()), self.dist)
+                / all_reduce_sum(float(len(drift)), self.dist),
+                "prune/generated_tokens": n_gen, "prune/kept_tokens": n_kept,
+                "prune/pruned_frac": (n_gen - n_kept) / max(n_gen, 1),
+                "prune/tokens_saved_bound": all_reduce_sum(bound, self.dist)}
 
     def gather(self, batch: StepBatch) -> StepBatch:
         """The whole step's batch on every rank (metrics then equal a single process's), without hidden states."""

@@ -5,8 +5,10 @@
 # test suite runs: the same checks on the CPU at small sizes. Exit status 0 iff every check passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
-if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY="$(command -v python3 || command -v python)"; fi
+fi
 args=()
 out=""
 for a in "$@"; do
@@ -17,5 +19,7 @@ for a in "$@"; do
   esac
 done
 out="${out:-${OUT:-.}/gpu-check.json}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec "$PY" -m opdkit.gpucheck --out "$out" "${args[@]}"
+# CUBLAS_WORKSPACE_CONFIG: deterministic cuBLAS for the exact-resume check; it must be set before CUDA starts.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
+exec "$PY" -m opdkit.gpucheck --out "$out" ${args[@]+"${args[@]}"}

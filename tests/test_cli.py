@@ -88,3 +88,33 @@ def test_argument_errors_exit_nonzero(args):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    from opdkit import errors, prune
+    from opdkit.config import ConfigError
+    from opdkit.data import DatasetError
+    from opdkit.engines.logprobs import EngineError, EngineOutputError
+    from opdkit.loop import TrainingDiverged
+    from opdkit.models import ModelNotFoundError, TokenizerMismatchError
+
+    # every user-facing class is a UserError and keeps its old builtin base, so older handlers still catch it
+    for cls, base in [(ConfigError, ValueError), (DatasetError, ValueError), (ModelNotFoundError, FileNotFoundError),
+                      (TokenizerMismatchError, ValueError), (EngineError, RuntimeError),
+                      (EngineOutputError, RuntimeError), (TrainingDiverged, RuntimeError),
+                      (errors.InvalidInput, ValueError), (errors.MissingDependency, RuntimeError)]:
+        assert issubclass(cls, errors.UserError) and issubclass(cls, base), cls
+
+    assert main(["prune", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 1  # neither --layers nor --keep
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("opdkit prune: error: give exactly one of --layers")
+
+    with pytest.raises(errors.InvalidInput):  # -v: a user error shows where it came from too
+        main(["-v", "prune", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+
+    def bug(*args, **kwargs):
+        raise ValueError("an opdkit bug, not bad input")
+
+    monkeypatch.setattr(prune, "prune_command", bug)
+    with pytest.raises(ValueError, match="an opdkit bug"):  # formerly printed as a user error, hiding the bug
+        main(["prune", str(tmp_path / "m"), "--layers", "1", "--out", str(tmp_path / "o")])

@@ -142,3 +142,35 @@ def test_literal_choices_match_the_function_tables():
     assert set(typing.get_args(hints["name"])) == set(OBJECTIVES) == set(REQUIREMENTS)
     assert set(typing.get_args(hints["strategy"])) == set(STRATEGIES)
     json.dumps(C.to_dict(load_config(DistillConfig, None, BASE)))  # the resolved config serialises
+
+
+def test_renamed_keys_still_load_with_a_warning_naming_the_new_key(tmp_path, capsys):
+    from opdkit.cli import COMMAND_CONFIGS, config_class, main
+    from opdkit.recipes.benchmark import EvalRecipeConfig
+    from opdkit.recipes.rollout import RolloutRecipeConfig
+
+    base = ["model.path=m", f"output.path={tmp_path / 'o.jsonl'}"]
+    new = load_config(RolloutRecipeConfig, None, base + ["data.train=p.jsonl", "data.prompt_suffix=S"])
+    with pytest.warns(FutureWarning) as caught:
+        old = load_config(RolloutRecipeConfig, None, base + ["data.path=p.jsonl", "data.suffix=S"])
+    assert old == new and (old.data.train, old.data.prompt_suffix) == ("p.jsonl", "S")
+    assert sorted(str(w.message) for w in caught) == [
+        f"config key 'data.{a}' is deprecated and will be removed in the next release: use 'data.{b}'"
+        for a, b in (("path", "train"), ("suffix", "prompt_suffix"))]
+    with pytest.raises(ConfigError, match="'data.path' is the old name of 'data.train': give only 'data.train'"):
+        load_config(RolloutRecipeConfig, None, base + ["data.path=a", "data.train=b"])
+    # a renamed section: eval's prompts.* keys are now data.*, and keys inside it are renamed too
+    with pytest.warns(FutureWarning) as caught:
+        cfg = load_config(EvalRecipeConfig, None, ["model.path=m", "benchmarks=[b.jsonl]", "prompts.limit=3",
+                                                   "prompts.suffix=S"])
+    assert (cfg.data.limit, cfg.data.prompt_suffix) == (3, "S")
+    assert [str(w.message).split(":")[-1] for w in caught] == [" use 'data'", " use 'data.prompt_suffix'"]
+    with pytest.raises(ConfigError, match="unknown config key 'data.nope'"):
+        load_config(EvalRecipeConfig, None, ["model.path=m", "benchmarks=[b.jsonl]", "data.nope=1"])
+    # opdkit config COMMAND lists any command's keys, and the old names as deprecated
+    assert all(describe(config_class(c)) for c in COMMAND_CONFIGS)
+    assert main(["config", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert "data.prompt_suffix" in out and "sampling.n" in out and "student.path" not in out
+    assert [line.split()[0] for line in out.splitlines() if "(deprecated)" in line] == ["prompts", "data.path",
+                                                                                          "data.suffix"]

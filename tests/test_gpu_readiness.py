@@ -167,10 +167,11 @@ def test_distiller_feeds_the_loss_on_the_students_device(tmp_path, tiny_dirs, pr
     seen = []
     real = T.token_loss
 
-    def spy(cfg, student, teacher, valid, adv=None):
-        tensors = [t for t in (teacher.sampled_logp, teacher.topk_logp, valid, adv) if t is not None]
+    def spy(cfg, student, teacher, valid, adv=None, opd_token_weight=None):
+        tensors = [t for t in (teacher.sampled_logp, teacher.topk_logp, valid, adv, opd_token_weight)
+                   if t is not None]
         seen.append({t.device for t in tensors} | {student.logp_sampled.device})
-        return real(cfg, student, teacher, valid, adv)
+        return real(cfg, student, teacher, valid, adv, opd_token_weight)
 
     monkeypatch.setattr(T, "token_loss", spy)
     cfg = load_config(DistillConfig, None, tiny_overrides(tiny_dirs, prompts_file, tmp_path / "run", **{

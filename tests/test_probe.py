@@ -89,7 +89,7 @@ def task(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-PROBE_ARGS = ["k=8", "max_new_tokens=16", "samples_per_prompt=2", "student_dtype=float32",
+PROBE_ARGS = ["k=8", "max_new_tokens=16", "n=2", "student_dtype=float32",
               "sampling_dtype=float32", "teacher_dtype=float32"]
 
 
@@ -305,6 +305,8 @@ def _template(better, shift, own_accuracy=0.5):
     (_numbers(accuracy={"graded_prompts": 4, "student": 0.0, "teacher": 0.0, "new_capability_share": 0.0}),
      "distill", "capability not judged"),
     (_numbers(accuracy=None), "distill", "no answers"),
+    (_numbers(vopd_second_moment_ratio=0.45), "distill", "by 0.45 on these rollouts (< 0.8)"),
+    (_numbers(vopd_second_moment_ratio=1.7), "distill", "by 1.70 on these rollouts; keep objective.baseline=none"),
 ])
 def test_decide_by_hand(numbers, verdict, phrase):
     out = decide(numbers, ProbeThresholds())

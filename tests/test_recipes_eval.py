@@ -46,13 +46,13 @@ def test_gap_recovery():
 
 
 def test_suffix_only_where_the_prompt_lacks_an_answer_format():
-    cfg = PromptsConfig(path="x")
+    cfg = PromptsConfig(train="x")
     plain = prepare_messages([{"role": "user", "content": "What is 2+2?"}], cfg)
     assert plain[-1]["content"] == "What is 2+2? Please reason step by step, and put your final answer within \\boxed{}."
     for text in ("What is 2+2? Put it in \\boxed{}.", "What is 2+2?\n\nRemember to put your answer after \"Answer:\"."):
         assert prepare_messages([{"role": "user", "content": text}], cfg)[-1]["content"] == text
     shot = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "\\boxed{2}"}]
-    out = prepare_messages([{"role": "user", "content": "2+2?"}], PromptsConfig(path="x", fewshot=shot, add_suffix="never"))
+    out = prepare_messages([{"role": "user", "content": "2+2?"}], PromptsConfig(train="x", fewshot=shot, add_suffix="never"))
     assert out == shot + [{"role": "user", "content": "2+2?"}]
 
 
@@ -65,7 +65,7 @@ def test_subset_selection_is_seeded():
 @pytest.mark.skipif(not (SHARED_DATA / "eval").is_dir(), reason="../shared/data is absent")
 def test_verl_benchmarks_load_with_answers(tokenizer):
     for name in ("AIME24", "AMC23", "MATH-500"):
-        prompts, rows = load_recipe_prompts(PromptsConfig(path=str(SHARED_DATA / "eval" / name / "test.parquet"),
+        prompts, rows = load_recipe_prompts(PromptsConfig(train=str(SHARED_DATA / "eval" / name / "test.parquet"),
                                                           limit=5, subset_seed=0, max_prompt_length=4096), tokenizer)
         assert len(prompts) == 5 and all(ex.answer for ex in prompts.examples)
         assert all(ex.messages[-1]["content"].endswith("within \\boxed{}.") for ex in prompts.examples)

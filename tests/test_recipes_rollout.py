@@ -70,7 +70,7 @@ def boxed_model(tmp_path_factory):
 
 
 def _cfg(model, prompts, out, **extra):
-    base = {"model.path": model, "data.path": prompts, "output.path": out, "sampling.n": 2,
+    base = {"model.path": model, "data.train": prompts, "output.path": out, "sampling.n": 2,
             "sampling.max_new_tokens": 12, "sampling.temperature": 1.0, "sampling.top_p": 1.0,
             "sampling.batch_size": 5, "model.dtype": "float32", "filter.repetition_chars": 9,
             "filter.repetition_count": 2, "filter.max_attempts": 3}
@@ -123,7 +123,7 @@ def test_rollout_cli_two_prompts_to_parquet(boxed_model, tmp_path, capsys):
 
     model, prompts = boxed_model
     out = tmp_path / "sft.parquet"
-    code = main(["rollout", f"model.path={model}", f"data.path={prompts}", f"output.path={out}", "data.limit=2",
+    code = main(["rollout", f"model.path={model}", f"data.train={prompts}", f"output.path={out}", "data.limit=2",
                  "sampling.max_new_tokens=6", "filter.require_answer=false", "filter.drop_truncated=false",
                  "filter.repetition_chars=0", "model.dtype=float32"])
     assert code == 0
@@ -135,6 +135,7 @@ def test_rollout_cli_two_prompts_to_parquet(boxed_model, tmp_path, capsys):
 def test_keep_correct_only_needs_answers(boxed_model, tmp_path, capsys):
     model, _ = boxed_model
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
-    code = main(["rollout", f"model.path={model}", f"data.path={prompts}", f"output.path={tmp_path / 'o.jsonl'}",
-                 "filter.keep_correct_only=true"])
+    with pytest.warns(FutureWarning, match="'data.path' is deprecated .* use 'data.train'"):  # the old key still works
+        code = main(["rollout", f"model.path={model}", f"data.path={prompts}", f"output.path={tmp_path / 'o.jsonl'}",
+                     "filter.keep_correct_only=true"])
     assert code == 1 and "needs reference answers" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..errors import UserError
 from ..rollout import Rollout
 from ..scoring import TeacherScores
 
@@ -19,7 +20,7 @@ from ..scoring import TeacherScores
 PositionLogprobs = Mapping[int, tuple[float, int]]
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError, RuntimeError):
     """A rollout or teacher engine failed in a way the user can act on (the CLI prints the message)."""
 
 

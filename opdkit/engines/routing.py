@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError, TeacherConfig, from_dict
+from ..errors import InvalidInput
 from ..hardware import resolve_config
 from ..scoring import TeacherScores
 
@@ -87,7 +88,7 @@ class RoutedTeacher:
         for i, value in enumerate(sources):
             if value not in self.teachers:
                 row = f" row {rows[i] + 1}" if rows is not None else ""  # counted from 1, as data.row_label
-                raise ValueError(
+                raise InvalidInput(
                     f"{where}{row} has {self.column}={value!r}, which has no teacher: teacher.route has teachers "
                     f"for {', '.join(map(repr, self.teachers))}. Add a teacher for it or remove those rows")
 
@@ -99,10 +100,10 @@ class RoutedTeacher:
               k: int, student_topk_ids: torch.Tensor | None = None, keep_hidden: bool = False,
               sources: list[str] | None = None) -> TeacherScores:
         if sources is None or len(sources) != len(prompt_ids):
-            raise ValueError("teacher.route needs the source of every row to pick its teacher")
+            raise InvalidInput("teacher.route needs the source of every row to pick its teacher")
         if keep_hidden:
-            raise ValueError("routed teachers cannot return hidden states (full-vocabulary objectives need one "
-                             "teacher)")
+            raise InvalidInput("routed teachers cannot return hidden states (full-vocabulary objectives need one "
+                               "teacher)")
         self.check_sources(sources, where="the rollout")
         B, T = response_ids.shape
         fields: dict[str, torch.Tensor] = {}

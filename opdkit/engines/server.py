@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..data import render_prompt
+from ..errors import InvalidInput, MissingDependency
 from ..models import TokenizerMismatchError
 from ..scoring import TeacherScores
 from .logprobs import EngineError, scores_from_prompt_logprobs, sequences_to_score
@@ -63,7 +64,7 @@ class ServerTeacher:
         try:
             import requests
         except ImportError:
-            raise RuntimeError("teacher.engine=server needs requests: pip install 'opdkit[server]'") from None
+            raise MissingDependency("teacher.engine=server needs requests: pip install 'opdkit[server]'") from None
 
         t = teacher_cfg
         check_served_temperature(t.temperature, "server")
@@ -160,8 +161,8 @@ class ServerTeacher:
               k: int, student_topk_ids: torch.Tensor | None = None, keep_hidden: bool = False,
               sources: list[str] | None = None) -> TeacherScores:
         if keep_hidden:
-            raise ValueError("teacher.engine=server cannot return hidden states (full-vocabulary objectives need "
-                             "teacher.engine=hf)")
+            raise InvalidInput("teacher.engine=server cannot return hidden states (full-vocabulary objectives need "
+                               "teacher.engine=hf)")
         seqs, lengths = sequences_to_score(prompt_ids, response_ids, response_mask)
         batches = [seqs[i:i + self.batch_size] for i in range(0, len(seqs), self.batch_size)]
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(batches)))) as pool:

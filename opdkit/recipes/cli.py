@@ -92,9 +92,9 @@ def _cmd_eval(args) -> int:
         return _print_keys(EvalRecipeConfig)
     overrides = list(args.overrides)
     if args.limit is not None:
-        overrides.append(f"prompts.limit={args.limit}")
+        overrides.append(f"data.limit={args.limit}")
     if args.subset_seed is not None:
-        overrides.append(f"prompts.subset_seed={args.subset_seed}")
+        overrides.append(f"data.subset_seed={args.subset_seed}")
     report = run_eval(load_config(EvalRecipeConfig, args.config, overrides))
     print_results(report)
     print(json.dumps({"output": report.get("output"), "average": report["average"],
@@ -145,7 +145,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_cmd_grpo)
 
     p = sub.add_parser("eval", help="avg@n and pass@k on math benchmarks")
-    p.add_argument("--limit", type=int, help="problems per benchmark (same as prompts.limit)")
+    p.add_argument("--limit", type=int, help="problems per benchmark (same as data.limit)")
     p.add_argument("--subset-seed", type=int, help="draw the --limit problems at random with this seed")
     _config_args(p)
     p.set_defaults(func=_cmd_eval)

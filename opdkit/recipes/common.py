@@ -45,10 +45,14 @@ class ModelConfig:
 
 @dataclass
 class PromptsConfig:
-    path: str = _help("prompt file (.jsonl / .parquet): plain prompts, chat messages or verl rows", default="")
+    """The ``data`` section of the sampling recipes: the keys mean what they mean in ``opdkit distill``."""
+
+    RENAMED = {"path": "train", "suffix": "prompt_suffix"}  # old names, read with a deprecation warning
+
+    train: str = _help("prompt file (.jsonl / .parquet): plain prompts, chat messages or verl rows", default="")
     columns: dict = _help("map fields (prompt, messages, answer, source) to columns, e.g. {prompt: problem}",
                           default_factory=dict)
-    suffix: str = _help("answer-format instruction appended to the last user message", default=BOXED_SUFFIX)
+    prompt_suffix: str = _help("answer-format instruction appended to the last user message", default=BOXED_SUFFIX)
     add_suffix: Literal["if_missing", "always", "never"] = _help(
         "if_missing: only where the prompt does not mention \\boxed or an 'Answer:' line", default="if_missing")
     fewshot: list = _help("messages put before every prompt, e.g. a one-shot [{role: user, ...}, "
@@ -62,8 +66,8 @@ class PromptsConfig:
                                        default=None)
 
     def validate(self, section: str = "data") -> None:
-        if not self.path:
-            raise ConfigError(f"{section}.path is required: a .jsonl or .parquet prompt file")
+        if not self.train:
+            raise ConfigError(f"{section}.train is required: a .jsonl or .parquet prompt file")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"{section}.limit must be > 0, got {self.limit}")
         if self.max_prompt_length <= 0:
@@ -83,13 +87,26 @@ def select_rows(n: int, limit: int | None, seed: int | None) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
+@dataclass
+class SamplingConfig:
+    """The ``sampling`` section of the sampling recipes (``opdkit eval``: ``EvalSamplingConfig``, its defaults)."""
+
+    n: int = _help("responses kept per prompt (answer slots)", default=1)
+    temperature: float = _help("sampling temperature (paper C.1: 0.7)", default=0.7)
+    top_p: float = _help("nucleus sampling threshold (paper: 0.95)", default=0.95)
+    max_new_tokens: int = _help("maximum response length; longer responses are truncated (and rejected)",
+                                default=512)
+    batch_size: int = _help("sequences sampled together (KV-cache batch)", default=32)
+    seed: int = _help("base seed; every (prompt, slot, attempt) gets its own seed from it", default=0)
+
+
 def prepare_messages(messages: list[dict], cfg: PromptsConfig) -> list[dict]:
     """Few-shot turns in front, the answer-format suffix on the last user message (by ``add_suffix``)."""
     last = messages[-1]["content"]
-    if cfg.suffix and (cfg.add_suffix == "always" or
-                       (cfg.add_suffix == "if_missing" and not has_answer_instruction(last))):
+    if cfg.prompt_suffix and (cfg.add_suffix == "always" or
+                              (cfg.add_suffix == "if_missing" and not has_answer_instruction(last))):
         sep = "" if last.endswith((" ", "\n")) else " "
-        messages = messages[:-1] + [{"role": "user", "content": last + sep + cfg.suffix}]
+        messages = messages[:-1] + [{"role": "user", "content": last + sep + cfg.prompt_suffix}]
     return [dict(m) for m in cfg.fewshot] + messages
 
 
@@ -100,15 +117,15 @@ def load_recipe_prompts(cfg: PromptsConfig, tokenizer, rows: list[dict] | None =
     ``Example.messages`` are the prepared messages (few-shot + prompt + suffix); ``Example.index`` is the row's
     position in the file, so outputs can point back to their source row.
     """
-    rows = read_rows(cfg.path) if rows is None else rows
+    rows = read_rows(cfg.train) if rows is None else rows
     if not rows:
-        raise DatasetError(f"{cfg.path}: the dataset has no rows")
+        raise DatasetError(f"{cfg.train}: the dataset has no rows")
     chosen = select_rows(len(rows), cfg.limit, cfg.subset_seed)
     prepared = []
     for i in chosen:
-        msgs, _, answer, source = normalise_row(rows[i], cfg.columns, row_label(cfg.path, i))
+        msgs, _, answer, source = normalise_row(rows[i], cfg.columns, row_label(cfg.train, i))
         prepared.append({"messages": prepare_messages(msgs, cfg), "answer": answer, "data_source": source})
-    prompts = load_prompts(cfg.path, tokenizer, rows=prepared, system_prompt=cfg.system_prompt,
+    prompts = load_prompts(cfg.train, tokenizer, rows=prepared, system_prompt=cfg.system_prompt,
                            chat_template_kwargs=cfg.chat_template_kwargs, max_prompt_length=cfg.max_prompt_length)
     for ex in prompts.examples:
         ex.index = chosen[ex.index]

@@ -41,7 +41,7 @@ from ..evaluation import decode_responses
 from ..models import eos_token_ids, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
 from ..rollout import sample
 from ..tracking import console
-from .common import ModelConfig, Progress, PromptsConfig, check_output_path, load_recipe_prompts, write_json, \
+from .common import ModelConfig, Progress, PromptsConfig, SamplingConfig, check_output_path, load_recipe_prompts, write_json, \
     write_rows
 from ..hardware import configure_threads
 
@@ -104,17 +104,6 @@ def rejection_reason(text: str, truncated: bool, gold: str | None, cfg: FilterCo
 # --------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplingConfig:
-    n: int = _help("responses kept per prompt (answer slots)", default=1)
-    temperature: float = _help("sampling temperature (paper C.1: 0.7)", default=0.7)
-    top_p: float = _help("nucleus sampling threshold (paper: 0.95)", default=0.95)
-    max_new_tokens: int = _help("maximum response length; longer responses are truncated (and rejected)",
-                                default=512)
-    batch_size: int = _help("sequences sampled together (KV-cache batch)", default=32)
-    seed: int = _help("base seed; every (prompt, slot, attempt) gets its own seed from it", default=0)
 
 
 @dataclass
@@ -240,7 +229,7 @@ def run_rollout(cfg: RolloutRecipeConfig) -> dict:
     if cfg.filter.keep_correct_only:
         missing = [ex.index for ex in examples if ex.answer is None]
         if missing:
-            raise DatasetError(f"{cfg.data.path}: filter.keep_correct_only needs reference answers, but row "
+            raise DatasetError(f"{cfg.data.train}: filter.keep_correct_only needs reference answers, but row "
                                f"{missing[0]} (and {len(missing) - 1} more) has none; map the column with "
                                f"data.columns={{answer: <column>}}")
     paths["work"].parent.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,13 @@ Defaults follow the paper's Table 3 (lr 1e-5, cosine, warmup ratio 0.05).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal, Optional
 
 import torch
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
-from ..config import AUTO_DTYPE_HELP, ConfigError, Dtype, _help, dump_yaml
+from ..config import AUTO_DTYPE_HELP, ConfigError, Dtype, OptimConfig, _help, dump_yaml
 from ..loop import LoopSettings, TrainingLoop, prepare_run_dir
 from ..data import DatasetError, PromptSampler, _check_messages, _lookup, read_rows, row_label
 from ..models import DTYPES, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
@@ -256,20 +256,17 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTOptimConfig:
+class SFTOptimConfig(OptimConfig):
+    """``opdkit distill``'s ``optim`` with SFT's defaults (paper Table 3) and three keys of its own: warmup as a
+    share of the steps, gradient accumulation and the chunk size of the vocabulary projection."""
+
     lr: float = _help("peak learning rate of AdamW (paper Table 3: 1e-5)", default=1e-5)
-    weight_decay: float = _help("AdamW weight decay", default=0.0)
-    betas: list = _help("AdamW betas", default_factory=lambda: [0.9, 0.999])
-    eps: float = _help("AdamW epsilon", default=1e-8)
     schedule: Literal["constant", "cosine", "linear"] = _help("LR schedule after warmup", default="cosine")
-    warmup_ratio: float = _help("warmup steps as a fraction of all steps (paper: 0.05)", default=0.05)
     warmup_steps: Optional[int] = _help("warmup steps (overrides warmup_ratio)", default=None)
-    max_grad_norm: float = _help("gradient clipping threshold (global L2 norm); 0 disables", default=1.0)
     micro_batch_size: int = _help("rows per forward/backward", default=8)
+    warmup_ratio: float = _help("warmup steps as a fraction of all steps (paper: 0.05)", default=0.05)
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
     chunk_size: int = _help("positions per chunk of the vocabulary projection", default=1024)
-    max_bad_steps: int = _help("consecutive NaN/inf steps tolerated (each is skipped) before the run stops",
-                               default=3)
 
 
 @dataclass
@@ -399,9 +396,8 @@ class SFTTrainer:
         self.steps_per_epoch = math.ceil(len(self.units) / self.rows_per_step)
         self.total_steps = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * self.steps_per_epoch))
         warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_ratio * self.total_steps)
-        optim_ns = SimpleNamespace(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                   schedule=o.schedule, warmup_steps=warmup)
-        self.optimizer, self.scheduler = make_optimizer(model.parameters(), optim_ns, self.total_steps)
+        self.optimizer, self.scheduler = make_optimizer(model.parameters(), dataclasses.replace(o, warmup_steps=warmup),
+                                                        self.total_steps)
         self.sampler = PromptSampler(len(self.units), self.rows_per_step, cfg.run.seed, d.shuffle)
 
     def micro_batches(self, unit_indices: list[int], size: int) -> list[Batch]:

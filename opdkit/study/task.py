@@ -22,6 +22,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import InvalidInput
+
 MODULUS = 10
 # Operands 1..3: a 30-fact table per operation, which a 2-layer model learns in a few hundred steps
 MAX_OPERAND = 3
@@ -90,7 +92,7 @@ def make_problems(n: int, *, ops: tuple[str, ...], depth: int | tuple[int, int],
     names; computations in ``exclude`` (``Problem.key``) are never drawn, which keeps held-out sets disjoint."""
     unknown = set(ops) - set(OPERATIONS)
     if unknown:
-        raise ValueError(f"unknown operations {sorted(unknown)}; choose from {sorted(OPERATIONS)}")
+        raise InvalidInput(f"unknown operations {sorted(unknown)}; choose from {sorted(OPERATIONS)}")
     lo, hi = (depth, depth) if isinstance(depth, int) else depth
     rng = random.Random(seed)
     exclude = exclude or set()
@@ -105,7 +107,7 @@ def make_problems(n: int, *, ops: tuple[str, ...], depth: int | tuple[int, int],
         if p.key not in exclude:
             out.append(p)
     if len(out) < n:
-        raise ValueError(f"could only draw {len(out)} of {n} problems outside the excluded set; lower n")
+        raise InvalidInput(f"could only draw {len(out)} of {n} problems outside the excluded set; lower n")
     return out
 
 

@@ -193,7 +193,7 @@ class Zoo:
         if not out.is_file():
             cfg = load_config(RolloutRecipeConfig, base={
                 "model": {"path": str(self.model("T_B")), "dtype": "float32"},
-                "data": {"path": str(self.data("cold_start_prompts")), "add_suffix": "never"},
+                "data": {"train": str(self.data("cold_start_prompts")), "add_suffix": "never"},
                 "sampling": {"n": 1, "temperature": 0.7, "top_p": 0.95, "max_new_tokens": 32, "batch_size": 64,
                              "seed": c.seed},
                 "output": {"path": str(out)}, "threads": c.threads})
