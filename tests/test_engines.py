@@ -286,7 +286,7 @@ def test_routed_teachers_score_each_row_with_its_own_teacher_and_log_per_teacher
     assert set(sources) == {"math", "chat"}
     got = dist.score(ro)
     for value, path in (("math", d["teacher"]), ("chat", d["chat_teacher"])):
-        ref = HFTeacher(load_causal_lm(path, "bfloat16"), vocab_size=dist.vocab_size, pad_id=dist.pad_id).score(
+        ref = HFTeacher(load_causal_lm(path, cfg.teacher.dtype), vocab_size=dist.vocab_size, pad_id=dist.pad_id).score(
             ro.prompt_ids, ro.response_ids, ro.response_mask, k=dist.k, student_topk_ids=ro.topk_ids)
         rows = torch.tensor([s == value for s in sources])
         torch.testing.assert_close(got.sampled_logp[rows], ref.sampled_logp[rows])
