@@ -1,6 +1,7 @@
 """Checkpoints: HF-format model + optimizer + scheduler + RNG + data position, written atomically.
 
-Layout: ``RUN_DIR/checkpoints/step_000010/{model/, trainer_state.pt, meta.json}``. A checkpoint is first
+Layout: ``RUN_DIR/checkpoints/step_000010/{model/, trainer_state.pt, meta.json}`` (``distributed.strategy=fsdp2``
+writes sharded ``dcp/`` instead of ``model/``, see ``opdkit.fsdp``). A checkpoint is first
 written to a hidden temporary directory and then renamed, so a crash mid-write never leaves a checkpoint
 that looks complete. ``RUN_DIR/checkpoints/latest`` names the newest one.
 """
@@ -95,6 +96,15 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG in place; return the trainer state (step, sampler, extra)."""
     from safetensors.torch import load_file
 
+    from .fsdp import is_sharded, is_sharded_checkpoint, load_sharded_checkpoint
+
+    if is_sharded_checkpoint(path):  # written by distributed.strategy=fsdp2; DCP re-shards to this run's layout
+        return load_sharded_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    if is_sharded(model):
+        raise RuntimeError(f"checkpoint {path} holds full (ddp / single-process) state; resume it with "
+                           f"distributed.strategy=ddp, or start the fsdp2 run from its model directory "
+                           f"{path / 'model'}")
+
     if hasattr(model, "get_base_model"):
         from .lora import load_adapter_state
 
@@ -158,6 +168,10 @@ def _zip_problem(path: Path) -> str | None:
 def verify_checkpoint(path: Path) -> str | None:
     """What is wrong with a checkpoint directory, or None if its files are whole (cheap: no tensor is read)."""
     path = Path(path)
+    if (path / "dcp").is_dir():  # sharded (distributed.strategy=fsdp2): DCP writes .metadata after every shard
+        if not (path / "dcp" / ".metadata").is_file() or not list((path / "dcp").glob("*.distcp")):
+            return "incomplete sharded checkpoint (dcp/.metadata or dcp/*.distcp missing)"
+        return _zip_problem(path / "trainer_state.pt")
     shards = sorted((path / "model").glob("*.safetensors"))
     adapter = path / "adapter_state.pt"
     if not shards and not adapter.is_file():

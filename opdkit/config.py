@@ -227,6 +227,18 @@ class RunConfig:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp2"] = _help(
+        "multi-process training: ddp (full replica per rank, gradients summed) or fsdp2 (student weights, grads "
+        "and optimizer state sharded per decoder layer; sharded checkpoints)", default="ddp")
+    cpu_offload: bool = _help("fsdp2: keep sharded parameters, gradients and optimizer state in CPU memory",
+                              default=False)
+    reshard_after_forward: bool = _help(
+        "fsdp2: free each layer's gathered weights after its forward (re-gathered in backward)", default=True)
+    memory_table: bool = _help("print the per-rank memory estimate before step 1", default=True)
+
+
+@dataclass
 class DistillConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -237,6 +249,7 @@ class DistillConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def uses_teacher(self) -> bool:
@@ -279,6 +292,13 @@ class DistillConfig:
         for key in ("student.device", "teacher.device"):
             _check_device(key, _get(self, key))
         self._validate_engines()
+        if self.distributed.strategy == "fsdp2":
+            if self.student.lora_rank:
+                raise ConfigError("distributed.strategy=fsdp2 trains all weights; LoRA (student.lora_rank > 0) "
+                                  "keeps so few trainable weights that distributed.strategy=ddp is the right choice")
+            if self.rollout.engine != "hf":
+                raise ConfigError("distributed.strategy=fsdp2 needs rollout.engine=hf (the sharded student syncs "
+                                  "its gathered weights into the HF sampler); serve the teacher with vLLM instead")
 
     def _validate_objective_extras(self) -> None:
         o = self.objective

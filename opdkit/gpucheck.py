@@ -576,6 +576,18 @@ def precision_policy(ctx: Context) -> dict:
     return figures
 
 
+# -- 14. FSDP2 over one rank equals the unsharded student ---------------------------------------------------
+
+@check("fsdp2_one_device_equals_no_sharding")
+def fsdp2_one_device_equals_no_sharding(ctx: Context) -> dict:
+    from .fsdp import check_fsdp2_single_gpu
+
+    figures = check_fsdp2_single_gpu(str(ctx.device))
+    expect(figures["ok"], f"fsdp2 on one {ctx.device.type} rank differs from no sharding: weights "
+                          f"{figures['max_abs_weight_diff']:.2e} apart after {figures['steps']} steps")
+    return figures
+
+
 def run_checks(device: torch.device, small: bool, only: list[str] | None = None) -> dict:
     results = []
     with tempfile.TemporaryDirectory(prefix="opdkit-gpucheck-") as tmp:

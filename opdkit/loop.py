@@ -40,6 +40,7 @@ import yaml
 from .errors import UserError
 from .checkpoint import checkpoints_newest_first, remove_partial_writes, verify_checkpoint
 from .config import ConfigError, dump_yaml
+from .fsdp import all_ranks_true, clip_grad_norm, local_shards
 from .tracking import StepView, Tracker, console, format_metrics, read_metrics
 
 
@@ -65,7 +66,7 @@ class Preempted(KeyboardInterrupt):
 
 def apply_update(params: list[torch.Tensor], optimizer, scheduler, loss: float, max_grad_norm: float) -> dict:
     """Clip, step the optimizer only if the loss and gradient norm are finite, drop the grads, advance the LR."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
+    grad_norm = clip_grad_norm(params, max_grad_norm or float("inf"))
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     lr = scheduler.get_last_lr()[0]
     if finite:
@@ -79,8 +80,10 @@ def weights_finite(params: list[torch.Tensor]) -> bool:
     """One reduction over all parameters (an overflowing norm counts as non-finite too: such weights are junk)."""
     if not params:
         return True
-    norms = torch._foreach_norm([p.detach() for p in params])
-    return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+    local, sharded = local_shards(params)
+    norms = torch._foreach_norm(local)
+    finite = bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+    return all_ranks_true(finite) if sharded else finite
 
 
 def reapply_hyperparameters(optimizer, scheduler, fresh: list[dict], fresh_base_lrs: list[float]) -> None:

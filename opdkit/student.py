@@ -68,13 +68,31 @@ def _chunk_outputs(head: StudentHead, temperature: float, full_fn: Callable | No
     return logp_sampled, logp_at, entropy, full
 
 
-def student_forward(model, prompt_ids: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor, *,
-                    pad_id: int, vocab_size: int, at_ids: torch.Tensor | None = None, chunk_size: int = 512,
-                    temperature: float = 1.0, compute_dtype: torch.dtype | None = None,
-                    head_dtype: torch.dtype | None = torch.float32, full_fn: Callable | None = None,
-                    teacher_hidden: torch.Tensor | None = None, teacher_head: Callable | None = None
-                    ) -> StudentOutputs:
-    """Run the student on prompt + response and gather what the loss needs.
+def student_forward(model, *args, **kwargs) -> StudentOutputs:
+    """Run the student on prompt + response and gather what the loss needs (arguments: ``local_student_forward``).
+
+    A model sharded by ``opdkit.fsdp`` runs this inside its root FSDP unit's forward, so the all-gather of the
+    embedding/head weights and the reduce-scatter of their gradients also cover the chunked head below.
+    """
+    sharded = getattr(model, "opd_sharded_forward", None)
+    if sharded is not None:
+        return StudentOutputs(*sharded(_forward_tuple, *args, **kwargs))
+    return local_student_forward(model, *args, **kwargs)
+
+
+def _forward_tuple(model, *args, **kwargs) -> tuple:
+    # FSDP registers its backward hooks on the tensors of a pytree; a plain tuple is one.
+    out = local_student_forward(model, *args, **kwargs)
+    return out.logp_sampled, out.logp_at, out.entropy, out.full_loss
+
+
+def local_student_forward(model, prompt_ids: list[list[int]], response_ids: torch.Tensor,
+                          response_mask: torch.Tensor, *, pad_id: int, vocab_size: int,
+                          at_ids: torch.Tensor | None = None, chunk_size: int = 512, temperature: float = 1.0,
+                          compute_dtype: torch.dtype | None = None, head_dtype: torch.dtype | None = torch.float32,
+                          full_fn: Callable | None = None, teacher_hidden: torch.Tensor | None = None,
+                          teacher_head: Callable | None = None) -> StudentOutputs:
+    """The student forward on this process's (unsharded or layer-sharded) model.
 
     Args:
         at_ids: (B, T, C) candidate ids whose log-probs are gathered (None: only the sampled token).

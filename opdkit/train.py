@@ -45,7 +45,10 @@ __all__ = ["Distiller", "TrainingDiverged", "run_distill", "step_seed"]
 
 # Keys a resumed run may change (applied and recorded); any other change needs run.resume_override=true.
 RESUME_CADENCE_KEYS = {"run.steps", "run.save_every", "run.keep_checkpoints", "run.log_samples", "run.tensorboard",
-                       "run.threads", "run.progress", "eval.every"}
+                       "run.threads", "run.progress", "eval.every",
+                       # how the same computation is laid out over processes (sharded checkpoints re-shard)
+                       "distributed.strategy", "distributed.cpu_offload", "distributed.reshard_after_forward",
+                       "distributed.memory_table"}
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -180,6 +183,9 @@ class Distiller:
         if cfg.student.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.train()
+        self.sharded = cfg.distributed.strategy == "fsdp2"
+        if self.sharded:
+            student = self._shard(student)
         self.student = student
         self.teacher_model = teacher_model
         if teacher_model is not None:
@@ -198,6 +204,15 @@ class Distiller:
             self.vocab_size = model_vocab_size(student)
         self.eos_ids = eos_token_ids(tokenizer, student)
         self.pad_id = tokenizer.pad_token_id
+
+    def _shard(self, student):
+        from . import fsdp
+
+        s, d = self.cfg.student, self.cfg.distributed
+        self._sampler_model = fsdp.rollout_copy(student, DTYPES[s.sampling_dtype])
+        return fsdp.shard_student(student, device=s.device, compute_dtype=DTYPES[s.compute_dtype],
+                                  head_dtype=DTYPES[s.head_dtype], cpu_offload=d.cpu_offload,
+                                  reshard_after_forward=d.reshard_after_forward)
 
     def _render_kwargs(self) -> dict:
         d = self.cfg.data
@@ -234,8 +249,14 @@ class Distiller:
         from .engines import build_rollout_engine, build_teacher
 
         cfg = self.cfg
-        self.engine = build_rollout_engine(cfg, self.student, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                           vocab_size=self.vocab_size, tokenizer=self.tokenizer)
+        if self.sharded:
+            from .fsdp import GatheredRolloutEngine
+
+            self.engine = GatheredRolloutEngine(self._sampler_model, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                                vocab_size=self.vocab_size)
+        else:
+            self.engine = build_rollout_engine(cfg, self.student, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                               vocab_size=self.vocab_size, tokenizer=self.tokenizer)
         self.teacher = None
         self.k = 0
         if cfg.uses_teacher:
@@ -346,7 +367,8 @@ class Distiller:
             logp_sampled.append(out.logp_sampled.detach().cpu())
             logp_at.append(None if out.logp_at is None else out.logp_at.detach().cpu())
             entropy.append(out.entropy.cpu())
-        all_reduce_gradients([p for p in self.student.parameters() if p.requires_grad], self.dist)
+        if not self.sharded:  # FSDP reduce-scatters the gradients itself
+            all_reduce_gradients([p for p in self.student.parameters() if p.requires_grad], self.dist)
         if o.is_correction == "truncated":
             self.step_extra["opd/is_weight_mean"] = all_reduce_sum(is_sum, self.dist) / max(num_tokens, 1)
             self.step_extra["opd/is_clipped_frac"] = all_reduce_sum(is_clipped, self.dist) / max(num_tokens, 1)
@@ -503,9 +525,9 @@ class Distiller:
     # -- evaluation, checkpoints, the loop -------------------------------------------------------------
 
     def evaluate(self) -> tuple[dict, list[dict]]:
-        """Held-out evaluation on rank 0 (the other ranks wait)."""
+        """Held-out evaluation on rank 0 (the other ranks wait; with fsdp2 they join its forwards' all-gathers)."""
         result: tuple[dict, list[dict]] = ({}, [])
-        if self.dist.is_main and self.eval_set:
+        if (self.dist.is_main or self.sharded) and self.eval_set:
             result = self._evaluate()
         barrier(self.dist)
         return result
@@ -523,6 +545,12 @@ class Distiller:
 
     def save(self, step: int) -> Path | None:
         path = None
+        if self.sharded:
+            from .fsdp import save_sharded_checkpoint
+
+            return save_sharded_checkpoint(self.run_dir, step, model=self.student, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, sampler_state=self.sampler.state_dict(),
+                                           extra={"bad_steps": self.bad_steps}, keep=self.cfg.run.keep_checkpoints)
         if self.writes:
             path = self._save(step)
         barrier(self.dist)
@@ -543,11 +571,23 @@ class Distiller:
     def after_restore(self) -> None:
         self.engine.sync_weights(self.student)
 
+    def memory_table(self) -> str:
+        from .memory import format_table, table_for_run
+
+        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+        teacher_config = None if self.teacher_model is None else self.teacher_model.config
+        rows = table_for_run(self.cfg, self.student.config, teacher_config, self.dist.world_size, trainable)
+        return format_table(rows, self.dist.world_size)
+
     def step_samples(self, batch: StepBatch) -> list[dict]:
         return self.samples(batch, self.cfg.run.log_samples)
 
     def export(self) -> None:
-        if self.writes:
+        if self.sharded:
+            from .fsdp import export_full_model
+
+            export_full_model(self.student, self.tokenizer, self.run_dir / "final_model")
+        elif self.writes:
             save_model(self.student, self.tokenizer, self.run_dir / "final_model")
 
     def barrier(self) -> None:
@@ -565,6 +605,8 @@ class Distiller:
             distributed=self.dist.enabled)
 
     def run(self) -> dict:
+        if self.cfg.distributed.memory_table and self.dist.is_main:
+            console.print(self.memory_table(), highlight=False)
         result = TrainingLoop(self, self.loop_settings()).run()
         summary: dict = {"steps": self.cfg.run.steps, "skipped_long_prompts": self.skipped_long}
         before, after = result.before, result.after
