@@ -23,7 +23,10 @@ def test_gpu_check_dry_mode_passes_and_reports(tmp_path):
     assert {"token_loss_every_objective", "distiller_steps", "cross_device", "sampling_speed_and_greedy_parity",
             "one_rank_process_group", "torchrun_launches", "resume", "memory_real_vocab",
             "sft_packed_equals_padded", "eval_and_rollout_recipes", "tiny_pair_matches_cpu",
-            "step_cost_0p5b_pair"} <= set(checks)
+            "step_cost_0p5b_pair", "precision_policy", "fsdp2_one_device_equals_no_sharding"} <= set(checks)
+    assert checks["fsdp2_one_device_equals_no_sharding"]["max_abs_weight_diff"] < 1e-5
+    # the suite runs as on a CPU without native bf16 (conftest), so auto resolved to fp32, with its reason
+    assert any("auto -> float32" in line for line in checks["precision_policy"]["resolved"])
     # figures that the checks measured, not just their verdicts
     assert all(v == 0.0 for v in checks["token_loss_every_objective"]["max_abs_diff"].values())  # CPU vs CPU
     assert len(checks["token_loss_every_objective"]["max_abs_diff"]) >= 10
