@@ -120,6 +120,9 @@ class RolloutConfig:
     max_new_tokens: int = _help("maximum response length; longer responses are truncated and counted",
                                 default=64)
     min_new_tokens: int = _help("EOS is suppressed before this many tokens (fixed-length benchmarks)", default=0)
+    share_prefill: bool = _help("hf: prefill each prompt once and copy its KV cache to its n samples", default=True)
+    compact: bool = _help("hf: drop rows that hit EOS from the decode batch (no decode work for finished rows)",
+                          default=True)
     vllm_gpu_memory_utilization: float = _help("vLLM: fraction of GPU memory (GPU only)", default=0.3)
     vllm_enforce_eager: bool = _help("vLLM: skip graph capture/compilation (starts in seconds on CPU)", default=True)
     vllm_kv_cache_gib: int = _help("vLLM on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)", default=2)

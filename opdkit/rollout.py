@@ -91,10 +91,33 @@ def model_vocab_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Te
     return logits if vocab_size is None else logits[..., :vocab_size]
 
 
+def sampling_noise(generators: list[torch.Generator], vocab: int, device) -> torch.Tensor:
+    """Uniform noise (R, V) for one decode step, row r drawn from ``generators[r]`` (the only place it is drawn).
+
+    One generator per row, advanced only while its row is decoding, so a row's sample does not depend on
+    which other rows share its batch or are still alive.
+    """
+    return torch.stack([torch.rand(vocab, generator=g) for g in generators]).to(device)
+
+
+def unique_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """Distinct prompts in first-seen order and, per row, the index of its prompt: ``rows[i] = uniq[index[i]]``."""
+    first: dict[tuple[int, ...], int] = {}
+    index = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    return [list(k) for k in first], torch.tensor(index, dtype=torch.long)
+
+
+def select_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Keep (or repeat) batch rows ``rows`` of every layer of a KV cache, in place."""
+    for layer in cache.layers:
+        layer.reorder_cache(rows)
+
+
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int], pad_id: int,
            temperature: float = 1.0, top_p: float = 1.0, topk: int = 0, greedy: bool = False,
-           seeds: list[int] | None = None, vocab_size: int | None = None, min_new_tokens: int = 0
+           seeds: list[int] | None = None, vocab_size: int | None = None, min_new_tokens: int = 0,
+           share_prefill: bool = True, compact: bool = True
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Batched sampling with a KV cache.
 
@@ -103,6 +126,10 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
         seeds: one seed per row. Each row draws its noise from its own generator, so a row's sample does not
             depend on which other rows share its batch (sharded and single-process runs sample alike).
         vocab_size: restrict sampling to ids < vocab_size (the ids shared with the teacher).
+        share_prefill: prefill each distinct prompt once and copy its KV cache to the rows that share it
+            (the n samples of a prompt), instead of recomputing it per row.
+        compact: drop rows that hit EOS from the decode batch (their KV cache, mask and positions), so a
+            finished row costs no further decode steps.
     Returns:
         response_ids (B, T), response_mask (B, T), sampling_logp (B, T), topk_ids (B, T, k) or None,
         truncated (B,).
@@ -110,9 +137,13 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    ids, attn = left_pad(prompts, pad_id)
+    B = len(prompts)
+    if share_prefill:
+        uniq, expand = unique_prompts(prompts)
+    else:
+        uniq, expand = prompts, torch.arange(B)
+    ids, attn = left_pad(uniq, pad_id)
     ids, attn = ids.to(device), attn.to(device)
-    B = ids.shape[0]
     position = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     # An index tensor, not the int 1: HF slices hidden[:, -1:] for an int, and torch's CPU matmul on that strided
@@ -120,19 +151,30 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
     last = torch.tensor([ids.shape[1] - 1], device=device)
     out = model(input_ids=ids, attention_mask=attn, position_ids=position, past_key_values=cache,
                 use_cache=True, logits_to_keep=last)
+    step_logits = out.logits[:, -1]
+    if len(uniq) != B:
+        rows = expand.to(device)
+        select_cache_rows(cache, rows)
+        attn, position, step_logits = attn[rows], position[rows], step_logits[rows]
     next_pos = position[:, -1:] + 1
     eos = torch.tensor(eos_ids, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     if seeds is None:
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    tokens, logps, tops = [], [], []
+    alive = torch.arange(B, device=device)          # original row of each row of the decode batch
+    decoding = torch.ones(B, dtype=torch.bool, device=device)  # per decode-batch row: not finished yet
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((B, max_new_tokens), device=device)
+    tops = None
+    steps = 0
     for t in range(max_new_tokens):
-        logits = model_vocab_logits(out.logits[:, -1].float(), vocab_size)
+        logits = model_vocab_logits(step_logits.float(), vocab_size)
         if t < min_new_tokens:
             logits[:, eos] = float("-inf")
         if topk:
-            tops.append(logits.topk(min(topk, logits.shape[-1]), dim=-1).indices)
+            top = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices
+            if tops is None:
+                tops = torch.zeros((B, max_new_tokens, top.shape[-1]), dtype=torch.long, device=device)
         if greedy:
             tok = logits.argmax(-1)
             logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
@@ -140,23 +182,33 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
             scaled = filter_top_p(logits / temperature, top_p)
             logprobs = torch.log_softmax(scaled, -1)
             # Gumbel-max: exact sampling from softmax(scaled) driven by explicit per-row generators.
-            u = torch.stack([torch.rand(logprobs.shape[-1], generator=g) for g in generators]).to(device)
+            u = sampling_noise([generators[i] for i in alive.tolist()], logprobs.shape[-1], device)
             tok = (logprobs - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)
             logp = logprobs.gather(-1, tok[:, None]).squeeze(-1)
-        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
-        tokens.append(tok)
-        logps.append(logp)
-        finished |= torch.isin(tok, eos)
-        if bool(finished.all()):
+        tok = torch.where(decoding, tok, torch.full_like(tok, pad_id))
+        live = alive[decoding]
+        tokens[live, t] = tok[decoding]
+        logps[live, t] = logp[decoding]
+        if topk:
+            tops[live, t] = top[decoding]
+        steps = t + 1
+        decoding &= ~torch.isin(tok, eos)
+        if not bool(decoding.any()):
             break
-        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=-1)
+        if compact and not bool(decoding.all()):
+            keep = decoding.nonzero().squeeze(-1)
+            select_cache_rows(cache, keep)
+            alive, attn, next_pos, tok = alive[keep], attn[keep], next_pos[keep], tok[keep]
+            decoding = decoding[keep]
+        attn = torch.cat([attn, torch.ones((attn.shape[0], 1), dtype=attn.dtype, device=device)], dim=-1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
                     use_cache=True)
+        step_logits = out.logits[:, -1]
         next_pos = next_pos + 1
-    response = torch.stack(tokens, 1).cpu()
+    response = tokens[:, :steps].cpu()
     mask, ended = response_mask_from_eos(response, eos_ids)
-    sampling_logp = torch.stack(logps, 1).cpu().masked_fill(~mask, 0.0)
-    topk_ids = torch.stack(tops, 1).cpu() if topk else None
+    sampling_logp = logps[:, :steps].cpu().masked_fill(~mask, 0.0)
+    topk_ids = tops[:, :steps].cpu() if topk else None
     return response, mask, sampling_logp, topk_ids, ~ended
 
 
@@ -181,8 +233,9 @@ class HFRolloutEngine:
     """
 
     def __init__(self, student, *, eos_ids: list[int], pad_id: int, sampling_dtype: torch.dtype,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, share_prefill: bool = True, compact: bool = True):
         self.eos_ids, self.pad_id, self.vocab_size = eos_ids, pad_id, vocab_size
+        self.share_prefill, self.compact = share_prefill, compact
         if hasattr(student, "get_base_model"):
             # LoRA: sample with a plain model holding the merged weights (names match merged_state_dict)
             self.model = copy.deepcopy(student).merge_and_unload().to(sampling_dtype)
@@ -214,7 +267,7 @@ class HFRolloutEngine:
                 self.model, rows, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id,
                 temperature=temperature, top_p=top_p, topk=topk, greedy=greedy,
                 seeds=row_seeds(seed, row_offset, len(rows)), min_new_tokens=min_new_tokens,
-                vocab_size=self.vocab_size)
+                vocab_size=self.vocab_size, share_prefill=self.share_prefill, compact=self.compact)
         finally:
             self.model.train(was_training)
         index = [i for i in (example_index or range(len(prompts))) for _ in range(n)]

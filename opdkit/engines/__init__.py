@@ -15,7 +15,8 @@ def _hf_rollout(cfg, student, *, eos_ids, pad_id, vocab_size, tokenizer):
     from ..rollout import HFRolloutEngine
 
     return HFRolloutEngine(student, eos_ids=eos_ids, pad_id=pad_id, sampling_dtype=DTYPES[cfg.student.sampling_dtype],
-                           vocab_size=vocab_size)
+                           vocab_size=vocab_size, share_prefill=cfg.rollout.share_prefill,
+                           compact=cfg.rollout.compact)
 
 
 def _vllm_rollout(cfg, student, *, eos_ids, pad_id, vocab_size, tokenizer):
