@@ -48,6 +48,8 @@ class StudentConfig:
         "dtype of the student's vocabulary projection in training (log-softmax is always float32)",
         default="float32")
     gradient_checkpointing: bool = _help("recompute decoder activations in backward to save memory", default=False)
+    packed: bool = _help("training forward/backward over the rows packed without padding (per-row attention)",
+                         default=True)
     lora_rank: int = _help("train LoRA adapters of this rank (PEFT) instead of all weights; 0 = full training",
                            default=0)
     lora_alpha: float = _help("LoRA alpha", default=16.0)
@@ -76,6 +78,8 @@ class TeacherConfig:
     chat_template_kwargs: dict = _help("extra arguments for the teacher's chat template (with chat_template=own)",
                                        default_factory=dict)
     chunk_size: int = _help("positions per chunk of the teacher's vocabulary projection", default=1024)
+    packed: bool = _help("hf: score the rows packed without padding in one decoder pass (per-row attention)",
+                         default=True)
     device: str = _help("device of the teacher (cpu, cuda, cuda:1)", default="cpu")
     route: dict = _help("several teachers: {value of data.route_column: teacher path}", default_factory=dict)
     timeout: float = _help("seconds per request to a served teacher", default=120.0)
@@ -153,6 +157,9 @@ class ObjectiveConfig:
     outcome_weight: float = _help("weight of a GRPO-style outcome-reward term (needs answers in the data)",
                                   default=0.0)
     chunk_size: int = _help("positions per chunk of the student's vocabulary projection", default=512)
+    is_correction: float = _help(
+        "cap of a truncated importance weight min(p_train/p_sample, cap) on each token's loss, correcting for "
+        "sampling with stale or lower-precision weights (run.pipeline=one_step_off); 0 = off", default=0.0)
 
 
 @dataclass
@@ -195,6 +202,9 @@ class RunConfig:
     tensorboard: bool = _help("write TensorBoard event files", default=True)
     threads: Optional[int] = _help("torch CPU threads (default: all cores)", default=None)
     progress: bool = _help("show a progress bar", default=True)
+    pipeline: Literal["sync", "one_step_off"] = _help(
+        "sync: rollout, scoring and training one after another; one_step_off: the rollout of step t+1 runs on "
+        "its own thread, from weights one step old, while step t is scored and trained", default="sync")
 
 
 @dataclass
@@ -220,7 +230,7 @@ class DistillConfig:
                          "data.max_prompt_length", "eval.max_new_tokens", "eval.batch_size"])
         _nonnegative(self, ["run.steps", "run.save_every", "eval.every", "eval.prompts", "optim.warmup_steps",
                             "optim.lr", "optim.max_grad_norm", "optim.weight_decay", "objective.outcome_weight",
-                            "objective.opd_weight",
+                            "objective.opd_weight", "objective.is_correction",
                             "student.lora_rank"])
         if not self.student.path:
             raise ConfigError("student.path is required: a local HF model directory, a .gguf file, or a bundled "

@@ -251,6 +251,20 @@ def outcome_pg_loss(student_logp: torch.Tensor, sequence_advantage: torch.Tensor
     return -(sequence_advantage.float().unsqueeze(-1) * torch.exp(logp - logp.detach()))
 
 
+def truncated_importance_weight(train_logp: torch.Tensor, sampling_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weight min(π_θ(ŷ_t) / π_sample(ŷ_t), cap), detached. (B, T), (B, T) -> (B, T).
+
+    Rollouts sampled by stale weights (a one-step-off pipeline) or a lower-precision sampling copy are slightly
+    off-policy; weighting each token's loss by this ratio corrects the expectation to the trained policy, and
+    the cap bounds the variance (truncated importance sampling, as in verl/TRL's async trainers). ``cap`` 0
+    turns it off (all ones).
+    """
+    if cap <= 0:
+        return torch.ones_like(train_logp, dtype=torch.float32)
+    ratio = torch.exp(train_logp.detach().float() - sampling_logp.to(train_logp.device).float())
+    return ratio.clamp(max=cap)
+
+
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, num_tokens: float | None = None,
               num_sequences: float | None = None) -> torch.Tensor:
     """Reduce a per-token loss (B, T) under ``mask`` (B, T) to a scalar.

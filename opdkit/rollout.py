@@ -233,15 +233,17 @@ class HFRolloutEngine:
     """
 
     def __init__(self, student, *, eos_ids: list[int], pad_id: int, sampling_dtype: torch.dtype,
-                 vocab_size: int | None = None, share_prefill: bool = True, compact: bool = True):
+                 vocab_size: int | None = None, share_prefill: bool = True, compact: bool = True,
+                 separate_copy: bool = False):
         self.eos_ids, self.pad_id, self.vocab_size = eos_ids, pad_id, vocab_size
         self.share_prefill, self.compact = share_prefill, compact
         if hasattr(student, "get_base_model"):
             # LoRA: sample with a plain model holding the merged weights (names match merged_state_dict)
             self.model = copy.deepcopy(student).merge_and_unload().to(sampling_dtype)
             self.model.requires_grad_(False)
-        elif sampling_dtype == next(student.parameters()).dtype:
-            self.model = student  # same dtype, no adapters: sample with the trained module itself
+        elif sampling_dtype == next(student.parameters()).dtype and not separate_copy:
+            # same dtype, no adapters, no concurrent training (separate_copy: a pipelined rollout thread)
+            self.model = student
         else:
             self.model = copy.deepcopy(student).to(sampling_dtype)
             self.model.requires_grad_(False)

@@ -126,6 +126,11 @@ class Distiller:
         self.sampler = PromptSampler(len(self.train_set), cfg.rollout.prompts_per_step, cfg.run.seed,
                                      cfg.data.shuffle)
         self.bad_steps = 0
+        # one_step_off pipeline: weight versions (optimizer updates applied) of the student and of the sampler
+        self.version = self.sampling_version = 0
+        self._inflight = None       # (step, sampling version, sampler state before its batch, future)
+        self._sync_due = False
+        self._pool = None
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -148,6 +153,10 @@ class Distiller:
             student = apply_lora(student, cfg.student, seed=cfg.run.seed)
         if cfg.student.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from .packing import enable_varlen_attention
+
+        # before the rollout engine copies the student: padded calls of the copy keep their implementation
+        self.student_packed = cfg.student.packed and enable_varlen_attention(student)
         student.train()
         self.student = student
         self.teacher_model = teacher_model
@@ -277,9 +286,12 @@ class Distiller:
                 compute_dtype=DTYPES[self.cfg.student.compute_dtype], head_dtype=DTYPES[self.cfg.student.head_dtype],
                 full_fn=full_fn,
                 teacher_hidden=None if sub_scores is None else sub_scores.hidden,
-                teacher_head=getattr(self.teacher, "head_logits", None))
+                teacher_head=getattr(self.teacher, "head_logits", None), packed=self.student_packed)
             per_token = token_loss(o, out, sub_scores, None if valid is None else valid[rows],
                                    None if seq_adv is None else seq_adv[rows])
+            if o.is_correction:
+                per_token = per_token * obj.truncated_importance_weight(out.logp_sampled, sub.sampling_logp,
+                                                                        o.is_correction).to(per_token.device)
             loss = obj.aggregate(per_token, sub.response_mask.to(per_token.device), o.aggregation,
                                  num_tokens, num_seqs)
             loss.backward()
@@ -307,20 +319,77 @@ class Distiller:
         self.scheduler.step()
         out = {"optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": 0.0 if finite else 1.0}
         if finite:
+            self.version += 1
+        if finite and self._inflight is not None:
+            self._sync_due = True  # the sampler is busy with the next rollout: sync when it is done
+        elif finite:
             self.engine.sync_weights(self.student)
+            self.sampling_version = self.version
             sync = getattr(self.engine, "last_sync", None)  # engines that check their weight sync report it
             if sync:
                 out["time/weight_sync"] = sync["push_seconds"] + sync["check_seconds"]
                 out["rollout/sync_probe_diff"] = sync["probe_mean_abs_diff"]
         return out
 
+    def sample_step(self, indices: list[int], step: int) -> tuple[Rollout, list[str], torch.Tensor | None]:
+        """The rollout phase of one step: samples, their texts and outcome rewards."""
+        rollout = self.rollout(indices, step_seed(self.cfg.run.seed, step))
+        texts = decode_responses(self.tokenizer, rollout.response_ids, rollout.response_mask)
+        return rollout, texts, self.outcome_rewards(rollout, texts)
+
+    def _launch_rollout(self, step: int) -> None:
+        """Start step ``step``'s rollout on the rollout thread, from the sampler's current weights."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="opdkit-rollout")
+        before = self.sampler.state_dict()
+        indices = self.sampler.next_batch()
+
+        def job():
+            start = time.perf_counter()
+            return self.sample_step(indices, step), time.perf_counter() - start
+
+        self._inflight = (step, self.sampling_version, before, self._pool.submit(job))
+
+    def _drain(self):
+        """Wait for the in-flight rollout (if any), then bring the sampler up to the trained weights."""
+        result = None
+        if self._inflight is not None:
+            result = self._inflight[3].result()
+        if self._sync_due:
+            self.engine.sync_weights(self.student)
+            self.sampling_version, self._sync_due = self.version, False
+        return result
+
+    def sampler_state(self) -> dict:
+        """The prompt sampler's state as of the trained steps (before a batch drawn for an in-flight rollout)."""
+        return self._inflight[2] if self._inflight is not None else self.sampler.state_dict()
+
+    def _pipelined_rollout(self, step: int, metrics: dict):
+        if self._inflight is None or self._inflight[0] != step:
+            self._drain()
+            self._inflight = None
+            self._launch_rollout(step)
+        version = self._inflight[1]
+        (sampled, seconds) = self._drain()
+        self._inflight = None
+        metrics["time/rollout_thread"] = seconds  # the rollout's own duration; time/rollout is the wait for it
+        if step < self.cfg.run.steps:
+            self._launch_rollout(step + 1)  # overlaps this step's scoring and training
+        return sampled, version
+
     def opd_step(self, step: int) -> tuple[dict, StepBatch]:
         timer = PhaseTimer()
-        indices = self.sampler.next_batch()
+        extra: dict = {}
         with timer("rollout"):
-            rollout = self.rollout(indices, step_seed(self.cfg.run.seed, step))
-            texts = decode_responses(self.tokenizer, rollout.response_ids, rollout.response_mask)
-            rewards = self.outcome_rewards(rollout, texts)
+            if self.cfg.run.pipeline == "one_step_off":
+                (rollout, texts, rewards), sampled_version = self._pipelined_rollout(step, extra)
+            else:
+                rollout, texts, rewards = self.sample_step(self.sampler.next_batch(), step)
+                sampled_version = self.sampling_version
+        # optimizer updates between the sampling weights and the weights this step trains
+        extra["pipeline/staleness"] = float(self.version - sampled_version)
         with timer("teacher"):
             scores = self.score(rollout)
         with timer("train"):
@@ -331,10 +400,24 @@ class Distiller:
         diagnostics = {} if scores is None else step_diagnostics(
             batch, k=self.k, max_new_tokens=self.cfg.rollout.max_new_tokens,
             span=self.cfg.diagnostics.position_span or None)
-        metrics = {"opd/loss": loss, **self.core_metrics(batch), **optim_metrics, **diagnostics,
-                   **{f"time/{k}": v for k, v in timer.seconds.items()}}
+        metrics = {"opd/loss": loss, **self.core_metrics(batch), **optim_metrics, **diagnostics, **extra,
+                   **self.mismatch_metrics(batch), **{f"time/{k}": v for k, v in timer.seconds.items()}}
         metrics["time/step"] = sum(timer.seconds.values())
         return metrics, batch
+
+    def mismatch_metrics(self, b: StepBatch) -> dict:
+        """Sampling vs training log-prob of the sampled tokens (stale weights, sampling dtype) and, with
+        ``objective.is_correction``, the truncated importance weights that correct for it."""
+        mask = b.rollout.response_mask
+        n = mask.sum().clamp(min=1)
+        diff = (b.rollout.sampling_logp - b.student_logp_sampled) * mask
+        out = {"pipeline/logp_mismatch": float(diff.sum() / n), "pipeline/logp_mismatch_abs": float(diff.abs().sum() / n)}
+        cap = self.cfg.objective.is_correction
+        if cap:
+            w = obj.truncated_importance_weight(b.student_logp_sampled, b.rollout.sampling_logp, cap)
+            out["pipeline/is_weight_mean"] = float((w * mask).sum() / n)
+            out["pipeline/is_clipped_frac"] = float(((w >= cap) & mask).sum() / n)
+        return out
 
     def gather(self, batch: StepBatch) -> StepBatch:
         """The whole step's batch on every rank (metrics then equal a single process's), without hidden states."""
@@ -399,8 +482,19 @@ class Distiller:
 
     # -- evaluation, checkpoints, the loop -------------------------------------------------------------
 
+    def _stop_pipeline(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._inflight = None
+        if self._sync_due:
+            self.engine.sync_weights(self.student)
+            self.sampling_version, self._sync_due = self.version, False
+
     def evaluate(self) -> tuple[dict, list[dict]]:
         """Held-out evaluation on rank 0 (the other ranks wait)."""
+        if self._inflight is not None:  # the sampling model must hold the trained weights, and be free
+            self._inflight = (*self._inflight[:3], _done(self._drain()))
         result: tuple[dict, list[dict]] = ({}, [])
         if self.dist.is_main and self.eval_set:
             result = self._evaluate()
@@ -428,7 +522,7 @@ class Distiller:
     def _save(self, step: int) -> Path:
         return save_checkpoint(self.run_dir, step, model=self.student, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler,
-                               sampler_state=self.sampler.state_dict(), extra={"bad_steps": self.bad_steps},
+                               sampler_state=self.sampler_state(), extra={"bad_steps": self.bad_steps},
                                keep=self.cfg.run.keep_checkpoints)
 
     def restore(self) -> int:
@@ -488,12 +582,13 @@ class Distiller:
         self.completed = step = start
         try:
             for step in range(start + 1, cfg.run.steps + 1):
-                sampler_before = self.sampler.state_dict()
+                sampler_before = self.sampler_state()
                 metrics, batch = self.opd_step(step)
                 self.completed = step
                 self._after_step(step, metrics, batch, tracker, view, step_times)
         except KeyboardInterrupt:
             view.close()
+            self._stop_pipeline()
             if self.completed < step:  # the step in flight never reached the optimizer: forget its batch
                 self.sampler.load_state_dict(sampler_before)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -503,6 +598,7 @@ class Distiller:
             tracker.close()
             raise
         view.close()
+        self._stop_pipeline()
         if self.log_to_disk and cfg.run.steps > start:
             self.save(cfg.run.steps)
         after: dict = {}
@@ -526,6 +622,15 @@ class Distiller:
         if "eval/accuracy" in before and "eval/accuracy" in after:
             summary["accuracy_before"], summary["accuracy_after"] = before["eval/accuracy"], after["eval/accuracy"]
         return summary
+
+
+def _done(value):
+    """A finished future holding ``value`` (an in-flight rollout drained before evaluation)."""
+    from concurrent.futures import Future
+
+    f = Future()
+    f.set_result(value)
+    return f
 
 
 def is_main_process() -> bool:

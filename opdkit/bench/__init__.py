@@ -111,7 +111,8 @@ def with_ratios(summary: dict) -> dict:
     return summary
 
 
-TITLES = {"opdkit": "opdkit (HF rollouts)", "opdkit-vllm": "opdkit (vLLM rollouts)", "trl": "TRL DistillationTrainer"}
+TITLES = {"opdkit": "opdkit (HF rollouts)", "opdkit-vllm": "opdkit (vLLM rollouts)",
+          "opdkit-async": "opdkit (HF, one_step_off)", "trl": "TRL DistillationTrainer"}
 
 
 def markdown(summary: dict, s: BenchSettings, repeats: int) -> str:
@@ -195,7 +196,11 @@ def add_commands(sub) -> None:
                    help="extra opdkit key=value override of the opdkit side (repeatable)")
     p.add_argument("--trl-bf16", action="store_true", help="run TRL with bf16=True (default: fp32, its faster CPU mode)")
     p.add_argument("--vllm", action="store_true", help="also run opdkit with vLLM rollouts (needs the vllm extra)")
+    p.add_argument("--one-step-off", action="store_true",
+                   help="also run opdkit with run.pipeline=one_step_off (its rollout thread uses --threads more)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: all cores)")
+    p.add_argument("--ablation", action="store_true",
+                   help="also time each less-work optimisation off and on, phase by phase, on the math workload")
     p.add_argument("--skip-compare", action="store_true", help="only the scaling curves")
     p.add_argument("--scaling", action="store_true", help="also measure the curves against length and k")
     p.add_argument("--quick", action="store_true", help="short scaling sweep (lengths 64-256, k 1-64)")
@@ -225,13 +230,21 @@ def _cmd_bench(args) -> int:
     md = [f"Hardware: {report['hardware']['cpu']} ({report['hardware']['cores']} cores), torch "
           f"{report['hardware']['torch']}; {report['date']}.\n"]
     if not args.skip_compare:
-        sides = ("opdkit", "opdkit-vllm", "trl") if args.vllm else ("opdkit", "trl")
+        sides = ("opdkit",) + (("opdkit-vllm",) if args.vllm else ()) + \
+            (("opdkit-async",) if args.one_step_off else ()) + ("trl",)
         report["compare"] = {}
         for w, ws in per_workload.items():
             console.print(f"workload {w}: comparing opdkit and TRL, {args.repeats} alternating runs each")
             report["compare"][w] = compare(ws, out / w, args.repeats, sides)
             md.append(markdown(report["compare"][w], ws, args.repeats))
             console.print(md[-1], highlight=False)
+    if args.ablation:
+        from .ablation import run_ablation
+
+        ms = per_workload["math"] if "math" in per_workload else settings["math"]()
+        report["ablation"], ablation_md = run_ablation(ms, repeats=max(2, min(args.repeats, 3)))
+        md.append(ablation_md)
+        console.print(ablation_md, highlight=False)
     if args.scaling:
         report["scaling"], scaling_md = run_scaling(replace(s, steps=2, warmup=1), out, quick=args.quick)
         md.append(scaling_md)

@@ -59,7 +59,7 @@ def run_opdkit(s: BenchSettings, side: str = "opdkit", engine_overrides: tuple =
                  f"rollout.max_new_tokens={s.new_tokens}", f"rollout.min_new_tokens={min_new_tokens(s)}",
                  f"objective.name={s.objective}", f"objective.k={s.k}", f"optim.lr={s.lr}",
                  f"optim.micro_batch_size={s.batch * s.n}", "run.out_dir=/tmp/opdkit-bench-unused",
-                 f"run.seed={s.seed}", "data.shuffle=false", *engine_overrides, *s.extra]
+                 f"run.seed={s.seed}", f"run.steps={s.warmup + s.steps}", "data.shuffle=false", *engine_overrides, *s.extra]
     cfg = load_config(DistillConfig, None, overrides)
     d = Distiller(cfg, log_to_disk=False)
     steps, phases, tokens = [], [], []
@@ -148,7 +148,12 @@ def run_opdkit_vllm(s: BenchSettings) -> dict:
     return run_opdkit(s, "opdkit-vllm", ("rollout.engine=vllm", "rollout.vllm_kv_cache_gib=1"))
 
 
-WORKERS = {"opdkit": run_opdkit, "opdkit-vllm": run_opdkit_vllm, "trl": run_trl}
+def run_opdkit_async(s: BenchSettings) -> dict:
+    # the rollout of step t+1 on its own thread (with s.threads threads of its own) while step t trains
+    return run_opdkit(s, "opdkit-async", ("run.pipeline=one_step_off",))
+
+
+WORKERS = {"opdkit": run_opdkit, "opdkit-vllm": run_opdkit_vllm, "opdkit-async": run_opdkit_async, "trl": run_trl}
 
 
 def worker_main(side: str, settings_json: str, out: str) -> None:

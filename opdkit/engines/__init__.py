@@ -16,7 +16,7 @@ def _hf_rollout(cfg, student, *, eos_ids, pad_id, vocab_size, tokenizer):
 
     return HFRolloutEngine(student, eos_ids=eos_ids, pad_id=pad_id, sampling_dtype=DTYPES[cfg.student.sampling_dtype],
                            vocab_size=vocab_size, share_prefill=cfg.rollout.share_prefill,
-                           compact=cfg.rollout.compact)
+                           compact=cfg.rollout.compact, separate_copy=cfg.run.pipeline == "one_step_off")
 
 
 def _vllm_rollout(cfg, student, *, eos_ids, pad_id, vocab_size, tokenizer):
@@ -34,7 +34,7 @@ def _hf_teacher(cfg, model, *, vocab_size, pad_id, tokenizer):
 
     t = cfg.teacher
     return HFTeacher(model, vocab_size=vocab_size, pad_id=pad_id, temperature=t.temperature, chunk_size=t.chunk_size,
-                     head_dtype=DTYPES[t.head_dtype])
+                     head_dtype=DTYPES[t.head_dtype], packed=t.packed)
 
 
 def _vllm_teacher(cfg, model, *, vocab_size, pad_id, tokenizer):
