@@ -2,8 +2,10 @@
 
 One process builds the benchmark's ``Distiller`` once, samples one rollout and then times each phase with the
 optimisation off and on, alternating (off, on, off, on, ...) so that load drift hits both. The samples are the
-same with and without each optimisation (they are exact: see tests/test_rollout.py and tests/test_packing.py),
-so each pair does the same useful work:
+same with and without each optimisation up to float rounding (exact in fp32: tests/test_rollout.py and
+tests/test_packing.py; a bf16 sampling copy rounds differently at another batch size, so a few rows may sample
+other tokens: the table reports how many rows matched and the useful tokens of each mode), so each pair does
+about the same useful work:
 
 * rollout: ``rollout.share_prefill`` and ``rollout.compact`` (both off / prefill shared / both on);
 * teacher scoring: ``teacher.packed`` off / on;
@@ -46,14 +48,20 @@ def run_ablation(s: BenchSettings, repeats: int = 2) -> tuple[dict, str]:
                      "shared prefill + compaction": (True, True)}
     times: dict[str, list[float]] = {}
     rollout = None
+    first: dict[str, object] = {}
     for _ in range(repeats):
         for name, (share, compact) in rollout_modes.items():
             engine.share_prefill, engine.compact = share, compact
             box = {}
             times.setdefault(f"rollout: {name}", []).append(_timed(lambda: box.update(r=d.rollout(indices, seed))))
-            if rollout is not None and not torch.equal(box["r"].response_ids, rollout.response_ids):
-                raise RuntimeError(f"rollout mode {name!r} sampled different tokens (should be exact)")
-            rollout = box["r"]
+            rollout = first.setdefault(name, box["r"])
+    reference = first["padded, per-row prefill"]
+    same_rows = {name: sum(bool(torch.equal(a, b)) for a, b in zip(r.response_ids, reference.response_ids))
+                 if r.response_ids.shape == reference.response_ids.shape else
+                 sum(bool(torch.equal(a[:min(len(a), len(b))], b[:min(len(a), len(b))]))
+                     for a, b in zip(r.response_ids, reference.response_ids))
+                 for name, r in first.items()}
+    tokens = {name: int(r.response_mask.sum()) for name, r in first.items()}
     scores = None
     for _ in range(repeats):
         for packed in (False, True):
@@ -75,6 +83,7 @@ def run_ablation(s: BenchSettings, repeats: int = 2) -> tuple[dict, str]:
     padded_positions = rows * (max(prompt_lens) + T)
     packed_positions = sum(prompt_lens) + useful - rows
     result = {"seconds": {k: statistics.median(v) for k, v in times.items()}, "runs": times,
+              "rollout_rows_as_reference": same_rows, "rollout_tokens": tokens,
               "useful_tokens": useful, "rows": rows, "longest_response": T,
               "padded_positions": padded_positions, "packed_positions": packed_positions,
               "decode_row_steps_padded": rows * T, "decode_row_steps_compacted": useful}
@@ -82,6 +91,10 @@ def run_ablation(s: BenchSettings, repeats: int = 2) -> tuple[dict, str]:
              f"one process, {s.threads or 'all'} thread(s), median of {repeats} alternating repeats): "
              f"{useful} useful response tokens in {rows} rows of up to {T}; a padded pass covers "
              f"{padded_positions} positions, the packed one {packed_positions}; decode does {rows * T} row-steps "
-             f"padded and {useful} compacted.", "", "| phase and setting | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in result["seconds"].items()]
+             f"padded and {useful} compacted.", "", "| phase and setting | seconds | note |", "|---|---|---|"]
+    for k, v in result["seconds"].items():
+        mode = k.split(": ", 1)[1]
+        note = (f"{tokens[mode]} tokens, {same_rows[mode]}/{rows} rows as without sharing"
+                if k.startswith("rollout") else "same rollout")
+        lines.append(f"| {k} | {v:.2f} | {note} |")
     return result, "\n".join(lines) + "\n"
