@@ -486,6 +486,8 @@ class Distiller:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._inflight is not None:  # its batch was never trained on: a resumed run draws it again
+            self.sampler.load_state_dict(self._inflight[2])
         self._inflight = None
         if self._sync_due:
             self.engine.sync_weights(self.student)
