@@ -56,6 +56,8 @@ class StudentConfig:
         "dtype of the student's vocabulary projection in training (log-softmax is always float32); auto: float32",
         default="auto")
     gradient_checkpointing: bool = _help("recompute decoder activations in backward to save memory", default=False)
+    packed: bool = _help("training forward/backward over the rows packed without padding (per-row attention)",
+                         default=True)
     lora_rank: int = _help("train LoRA adapters of this rank (PEFT) instead of all weights; 0 = full training",
                            default=0)
     lora_alpha: float = _help("LoRA alpha", default=16.0)
@@ -86,6 +88,8 @@ class TeacherConfig:
     chunk_size: int = _help("positions per chunk of the teacher's vocabulary projection", default=1024)
     batch_size: int = _help("sequences per teacher forward when scoring a rollout (bounds activation memory)",
                             default=16)
+    packed: bool = _help("hf: score the rows packed without padding in one decoder pass (per-row attention)",
+                         default=True)
     device: str = _help("device of the teacher (cpu, cuda, cuda:1)", default="cpu")
     route: dict = _help("several teachers: {value of data.route_column: teacher path}", default_factory=dict)
     timeout: float = _help("seconds per request to a served teacher", default=120.0)
@@ -130,6 +134,9 @@ class RolloutConfig:
     max_new_tokens: int = _help("maximum response length; longer responses are truncated and counted",
                                 default=64)
     min_new_tokens: int = _help("EOS is suppressed before this many tokens (fixed-length benchmarks)", default=0)
+    share_prefill: bool = _help("hf: prefill each prompt once and copy its KV cache to its n samples", default=True)
+    compact: bool = _help("hf: drop rows that hit EOS from the decode batch (no decode work for finished rows)",
+                          default=True)
     vllm_gpu_memory_utilization: float = _help("vLLM: fraction of GPU memory (GPU only)", default=0.3)
     vllm_enforce_eager: bool = _help("vLLM: skip graph capture/compilation (starts in seconds on CPU)", default=True)
     vllm_kv_cache_gib: int = _help("vLLM on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); 0: a tenth of this "

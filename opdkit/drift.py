@@ -137,14 +137,14 @@ class DriftStop:
         found = drift_points(ratio, mask, self.threshold, self.window)
         self.drift = torch.where(self.drift == NO_DRIFT, found, self.drift)
 
-    def __call__(self, t: int, tokens: list[torch.Tensor], tops: list[torch.Tensor]) -> torch.Tensor | None:
-        """Called by the decode loop after token t; returns rows to stop (B,) at chunk ends, else None."""
+    def __call__(self, t: int, tokens: torch.Tensor, tops: torch.Tensor) -> torch.Tensor | None:
+        """Called by the decode loop after token t with the (B, t+1) tokens and (B, t+1, k) top-k ids so far;
+        returns rows to stop (B,) at chunk ends, else None."""
         if (t + 1) % self.window:
             return None
         start = time.perf_counter()
-        new = torch.stack(tokens[self.fed:], 1)
-        self._read(new, torch.stack(tops[self.fed:], 1))
-        self._update_drift(torch.stack(tokens, 1).cpu(), torch.stack(tops, 1).cpu())
+        self._read(tokens[:, self.fed:], tops[:, self.fed:])
+        self._update_drift(tokens.cpu(), tops.cpu())
         stop = self.drift != NO_DRIFT
         self.stopped_at = torch.where(stop & (self.stopped_at < 0), torch.full_like(self.stopped_at, t + 1),
                                       self.stopped_at)

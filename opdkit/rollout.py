@@ -93,22 +93,40 @@ def model_vocab_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Te
     return logits if vocab_size is None else logits[..., :vocab_size]
 
 
+def unique_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """Distinct prompts in first-seen order and, per row, the index of its prompt: ``rows[i] = uniq[index[i]]``."""
+    first: dict[tuple[int, ...], int] = {}
+    index = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    return [list(k) for k in first], torch.tensor(index, dtype=torch.long)
+
+
+def select_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Keep (or repeat) batch rows ``rows`` of every layer of a KV cache, in place."""
+    for layer in cache.layers:
+        layer.reorder_cache(rows)
+
+
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int], pad_id: int,
            temperature: float = 1.0, top_p: float = 1.0, topk: int = 0, greedy: bool = False,
            seeds: list[int] | None = None, vocab_size: int | None = None, min_new_tokens: int = 0,
-           stop_hook=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+           stop_hook=None, share_prefill: bool = True, compact: bool = True
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Batched sampling with a KV cache.
 
     Args:
         prompts: B token-id lists (left-padded here).
         seeds: one seed per row. A row's noise is a function of its seed and the position only
             (``row_uniforms``, computed on the model's device), so a row's sample does not depend on which other
-            rows share its batch (sharded and single-process runs sample alike).
+            rows share its batch or are still decoding (sharded and single-process runs sample alike).
         vocab_size: restrict sampling to ids < vocab_size (the ids shared with the teacher).
-        stop_hook: optional f(t, tokens, tops) called after each step with the lists of (B,) tokens and (B, k)
+        stop_hook: optional f(t, tokens, tops) called after each step with the (B, t+1) tokens and (B, t+1, k)
             top-k ids so far; a (B,) bool it returns stops those rows (they emit pad from then on, and their
             response mask is the hook's business: see ``drift.DriftStop``).
+        share_prefill: prefill each distinct prompt once and copy its KV cache to the rows that share it
+            (the n samples of a prompt), instead of recomputing it per row.
+        compact: drop rows that ended from the decode batch (their KV cache, mask and positions), so a
+            finished row costs no further decode steps.
     Returns:
         response_ids (B, T), response_mask (B, T), sampling_logp (B, T), topk_ids (B, T, k) or None,
         truncated (B,).
@@ -116,9 +134,10 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    ids, attn = left_pad(prompts, pad_id)
+    B = len(prompts)
+    uniq, expand = unique_prompts(prompts) if share_prefill else (prompts, torch.arange(B))
+    ids, attn = left_pad(uniq, pad_id)
     ids, attn = ids.to(device), attn.to(device)
-    B = ids.shape[0]
     position = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     # An index tensor, not the int 1: HF slices hidden[:, -1:] for an int, and torch's CPU matmul on that strided
@@ -126,52 +145,67 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
     last = torch.tensor([ids.shape[1] - 1], device=device)
     out = model(input_ids=ids, attention_mask=attn, position_ids=position, past_key_values=cache,
                 use_cache=True, logits_to_keep=last)
+    step_logits = out.logits[:, -1]
+    if len(uniq) != B:
+        rows = expand.to(device)
+        select_cache_rows(cache, rows)
+        attn, position, step_logits = attn[rows], position[rows], step_logits[rows]
     next_pos = position[:, -1:] + 1
     eos = torch.tensor(eos_ids, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     if seeds is None:
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     # All of the call's noise at once (B x max_new_tokens numbers): one batch of integer ops, not one per token.
     noise = row_uniforms(noise_keys(seeds, device), torch.arange(max_new_tokens, device=device))
-    # "Are all rows done?" reads a device value on the host; on an accelerator that sync stalls the launch queue,
-    # so it is asked every few tokens there (the extra all-pad columns are trimmed below).
-    stop_every = 1 if device.type == "cpu" else 8
-    tokens, logps, tops = [], [], []
+    # "Are rows done?" reads a device value on the host; on an accelerator that sync stalls the launch queue,
+    # so it is asked (and the batch compacted) every few tokens there (all-pad columns are trimmed below).
+    check_every = 1 if device.type == "cpu" else 8
+    alive = torch.arange(B, device=device)                     # original row of each decode-batch row
+    decoding = torch.ones(B, dtype=torch.bool, device=device)  # per decode-batch row: not finished yet
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((B, max_new_tokens), device=device)
+    tops = None
+    steps = 0
     for t in range(max_new_tokens):
-        logits = model_vocab_logits(out.logits[:, -1].float(), vocab_size)
+        logits = model_vocab_logits(step_logits.float(), vocab_size)
         if t < min_new_tokens:
             logits[:, eos] = float("-inf")
         if topk:
-            tops.append(logits.topk(min(topk, logits.shape[-1]), dim=-1).indices)
+            top = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices
+            if tops is None:
+                tops = torch.zeros((B, max_new_tokens, top.shape[-1]), dtype=torch.long, device=device)
+            tops[alive, t] = top
         if greedy:
             tok = logits.argmax(-1)
             logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
         else:
-            scaled = filter_top_p(logits / temperature, top_p)
-            logprobs = torch.log_softmax(scaled, -1)
-            tok = sample_with_uniforms(logprobs, noise[:, t])
+            logprobs = torch.log_softmax(filter_top_p(logits / temperature, top_p), -1)
+            tok = sample_with_uniforms(logprobs, noise[alive, t])
             logp = logprobs.gather(-1, tok[:, None]).squeeze(-1)
-        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
-        tokens.append(tok)
-        logps.append(logp)
-        finished |= torch.isin(tok, eos)
-        if stop_hook is not None and (stop := stop_hook(t, tokens, tops)) is not None:
-            finished |= stop.to(device)
-            if bool(finished.all()):  # the hook already synced with the host; use it
+        tok = torch.where(decoding, tok, torch.full_like(tok, pad_id))
+        tokens[alive, t] = tok
+        logps[alive, t] = torch.where(decoding, logp, torch.zeros_like(logp))
+        steps = t + 1
+        decoding &= ~torch.isin(tok, eos)
+        if stop_hook is not None and (stop := stop_hook(t, tokens[:, :steps], None if tops is None else tops[:, :steps])) is not None:
+            decoding &= ~stop.to(device)[alive]
+        if (t + 1) % check_every == 0 or stop_hook is not None:
+            if not bool(decoding.any()):
                 break
-        if (t + 1) % stop_every == 0 and bool(finished.all()):
-            break
-        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=-1)
+            if compact and not bool(decoding.all()):
+                keep = decoding.nonzero().squeeze(-1)
+                select_cache_rows(cache, keep)
+                alive, attn, next_pos, tok, decoding = alive[keep], attn[keep], next_pos[keep], tok[keep], decoding[keep]
+        attn = torch.cat([attn, torch.ones((attn.shape[0], 1), dtype=attn.dtype, device=device)], dim=-1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
                     use_cache=True)
+        step_logits = out.logits[:, -1]
         next_pos = next_pos + 1
-    response = torch.stack(tokens, 1).cpu()
+    response = tokens[:, :steps].cpu()
     mask, ended = response_mask_from_eos(response, eos_ids)
-    width = int(mask.any(0).nonzero().max()) + 1  # drop columns decoded after every row had ended
+    width = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else steps  # columns after every row ended
     response, mask = response[:, :width], mask[:, :width]
-    logps, tops = logps[:width], tops[:width]
-    sampling_logp = torch.stack(logps, 1).cpu().masked_fill(~mask, 0.0)
-    topk_ids = torch.stack(tops, 1).cpu() if topk else None
+    sampling_logp = logps[:, :width].cpu().masked_fill(~mask, 0.0)
+    topk_ids = tops[:, :width].cpu() if topk else None
     return response, mask, sampling_logp, topk_ids, ~ended
 
 
@@ -196,8 +230,9 @@ class HFRolloutEngine:
     """
 
     def __init__(self, student, *, eos_ids: list[int], pad_id: int, sampling_dtype: torch.dtype,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, share_prefill: bool = True, compact: bool = True):
         self.eos_ids, self.pad_id, self.vocab_size = eos_ids, pad_id, vocab_size
+        self.share_prefill, self.compact = share_prefill, compact
         if hasattr(student, "get_base_model"):
             # LoRA: sample with a plain model holding the merged weights (names match merged_state_dict), built
             # in sampling_dtype; a deep copy of the fp32 PEFT model before merging would peak at 2x the base.
@@ -230,7 +265,8 @@ class HFRolloutEngine:
                 self.model, rows, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id,
                 temperature=temperature, top_p=top_p, topk=topk, greedy=greedy,
                 seeds=row_seeds(seed, row_offset, len(rows)), min_new_tokens=min_new_tokens,
-                vocab_size=self.vocab_size, stop_hook=stop_hook)
+                vocab_size=self.vocab_size, stop_hook=stop_hook, share_prefill=self.share_prefill,
+                compact=self.compact)
         finally:
             self.model.train(was_training)
         index = [i for i in (example_index or range(len(prompts))) for _ in range(n)]

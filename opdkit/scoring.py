@@ -153,8 +153,12 @@ class HFTeacher:
     capabilities = frozenset({"sampled", "topk", "at_ids", "entropy", "hidden"})
 
     def __init__(self, model, *, vocab_size: int, pad_id: int, temperature: float = 1.0, chunk_size: int = 1024,
-                 head_dtype: torch.dtype = torch.float32, batch_size: int | None = None):
+                 head_dtype: torch.dtype = torch.float32, batch_size: int | None = None, packed: bool = False):
+        from .packing import enable_varlen_attention
+
         self.model, self.pad_id, self.chunk_size, self.batch_size = model, pad_id, chunk_size, batch_size
+        # packed: one padding-free decoder pass over a block's rows (opdkit.packing), else a padded batch
+        self.packed = packed and enable_varlen_attention(model)
         self.head = HeadProjection(model, vocab_size, temperature, head_dtype)
         self.device = next(model.parameters()).device
         self._heads: dict[torch.device, HeadProjection] = {self.device: self.head}
@@ -177,11 +181,18 @@ class HFTeacher:
 
     def _score_rows(self, prompt_ids, response_ids, response_mask, k, student_topk_ids, keep_hidden
                     ) -> TeacherScores:
-        hidden = response_hidden_states(self.model, prompt_ids, response_ids, self.pad_id)
-        mask = response_mask.to(hidden.device)
-        flat_h = hidden[mask]
-        flat_tok = response_ids.to(hidden.device)[mask]
-        flat_at = None if student_topk_ids is None else student_topk_ids.to(hidden.device)[mask]
+        if self.packed:
+            from .packing import packed_response_hidden_states
+
+            flat_h = packed_response_hidden_states(self.model, prompt_ids, response_ids, response_mask)
+            mask = response_mask.to(flat_h.device)
+            hidden = scatter_rows(flat_h, mask) if keep_hidden else None
+        else:
+            hidden = response_hidden_states(self.model, prompt_ids, response_ids, self.pad_id)
+            mask = response_mask.to(hidden.device)
+            flat_h = hidden[mask]
+        flat_tok = response_ids.to(flat_h.device)[mask]
+        flat_at = None if student_topk_ids is None else student_topk_ids.to(flat_h.device)[mask]
         parts: dict[str, list[torch.Tensor]] = {}
         # max(.., 1): an all-masked batch still runs one empty chunk, so every field gets its shape.
         for start in range(0, max(flat_h.shape[0], 1), self.chunk_size):

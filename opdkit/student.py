@@ -91,7 +91,7 @@ def local_student_forward(model, prompt_ids: list[list[int]], response_ids: torc
                           at_ids: torch.Tensor | None = None, chunk_size: int = 512, temperature: float = 1.0,
                           compute_dtype: torch.dtype | None = None, head_dtype: torch.dtype | None = torch.float32,
                           full_fn: Callable | None = None, teacher_hidden: torch.Tensor | None = None,
-                          teacher_head: Callable | None = None) -> StudentOutputs:
+                          teacher_head: Callable | None = None, packed: bool = False) -> StudentOutputs:
     """The student forward on this process's (unsharded or layer-sharded) model.
 
     Args:
@@ -100,13 +100,22 @@ def local_student_forward(model, prompt_ids: list[list[int]], response_ids: torc
         head_dtype: dtype of the vocabulary projection (None: follow autocast).
         full_fn: per-token full-vocabulary divergence f(student_logits, teacher_logits) -> (N,), with
             teacher logits recomputed from ``teacher_hidden`` (B, T, H) through ``teacher_head``.
+        packed: run the decoder once over the rows packed without padding (``opdkit.packing``; the model's
+            attention must have been set up with ``enable_varlen_attention``); same losses and gradients.
     """
     device = next(model.parameters()).device
     use_autocast = compute_dtype is not None and compute_dtype != torch.float32
+    packed = packed and bool(response_mask.any())  # an all-masked batch keeps the padded graph (zero loss)
     with torch.autocast(device.type, dtype=compute_dtype or torch.bfloat16, enabled=use_autocast):
-        hidden = response_hidden_states(model, prompt_ids, response_ids, pad_id)
+        if packed:
+            from .packing import packed_response_hidden_states
+
+            flat_h = packed_response_hidden_states(model, prompt_ids, response_ids, response_mask)
+        else:
+            hidden = response_hidden_states(model, prompt_ids, response_ids, pad_id)
     mask = response_mask.to(device)
-    flat_h = hidden[mask]
+    if not packed:
+        flat_h = hidden[mask]
     flat_tok = response_ids.to(device)[mask]
     flat_at = None if at_ids is None else at_ids.to(device)[mask]
     flat_th = None if teacher_hidden is None else teacher_hidden.to(device)[mask]

@@ -31,6 +31,7 @@ from .distributed import DistInfo, all_gather_objects, all_reduce_gradients, all
 from .evaluation import decode_responses, evaluate
 from .loop import LoopSettings, TrainingDiverged, TrainingLoop, apply_update, prepare_run_dir
 from .loss import check_teacher_supports, full_vocab_fn, teacher_candidate_logp, token_loss
+from .packing import enable_varlen_attention
 from .models import DTYPES, check_tokenizers, eos_token_ids, freeze, load_causal_lm, load_tokenizer, \
     model_vocab_size, resolve_model_path
 from .rollout import Rollout
@@ -182,6 +183,8 @@ class Distiller:
             student = apply_lora(student, cfg.student, seed=cfg.run.seed)
         if cfg.student.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # before the rollout engine copies the student: padded calls of the copy keep their implementation
+        self.student_packed = cfg.student.packed and enable_varlen_attention(student)
         student.train()
         self.sharded = cfg.distributed.strategy == "fsdp2"
         if self.sharded:
@@ -351,7 +354,7 @@ class Distiller:
                 compute_dtype=DTYPES[self.cfg.student.compute_dtype], head_dtype=DTYPES[self.cfg.student.head_dtype],
                 full_fn=full_fn,
                 teacher_hidden=None if sub_scores is None else sub_scores.hidden,
-                teacher_head=getattr(self.teacher, "head_logits", None))
+                teacher_head=getattr(self.teacher, "head_logits", None), packed=self.student_packed)
             per_token = token_loss(o, out, sub_scores, None if valid is None else valid[rows],
                                    None if seq_adv is None else seq_adv[rows], None if opd_w is None else opd_w[rows])
             if o.is_correction == "truncated":
@@ -428,7 +431,7 @@ class Distiller:
             batch, k=self.k, max_new_tokens=self.cfg.rollout.max_new_tokens,
             span=self.cfg.diagnostics.position_span or None)
         metrics = {"opd/loss": loss, **self.core_metrics(batch), **optim_metrics, **diagnostics, **self.step_extra,
-                   **{f"time/{k}": v for k, v in timer.seconds.items()}}
+                   **self.mismatch_metrics(batch), **{f"time/{k}": v for k, v in timer.seconds.items()}}
         metrics["time/step"] = sum(timer.seconds.values())
         return metrics, batch
 
@@ -440,6 +443,16 @@ class Distiller:
         self.bad_steps = self.bad_steps + 1 if optim["optim/skipped"] else 0
         self.completed = step
         return finish(optim)
+
+    @staticmethod
+    def mismatch_metrics(b: StepBatch) -> dict:
+        """Sampling vs training log-prob of the sampled tokens: what a lower-precision sampling copy (or stale
+        sampling weights) costs, and what ``objective.is_correction=truncated`` corrects."""
+        mask = b.rollout.response_mask
+        n = mask.sum().clamp(min=1)
+        diff = (b.rollout.sampling_logp - b.student_logp_sampled) * mask
+        return {"rollout/logp_mismatch": float(diff.sum() / n),
+                "rollout/logp_mismatch_abs": float(diff.abs().sum() / n)}
 
     def _truncate_metrics(self, stop: DriftStop, generated: torch.Tensor, kept: torch.Tensor) -> dict:
         """Prune-OPD truncate: what the early stop did this step (summed over ranks).

@@ -115,3 +115,52 @@ def test_min_new_tokens_suppresses_eos(tokenizer):
                     min_new_tokens=6)
     assert early[1].sum() < 24  # EOS ends rows early without the floor
     assert forced[1].all() and forced[4].all()  # all 6 tokens generated, no EOS: truncated
+
+
+def _assert_same_samples(a, b):
+    resp_a, mask_a, logp_a, top_a, trunc_a = a
+    resp_b, mask_b, logp_b, top_b, trunc_b = b
+    assert torch.equal(resp_a, resp_b) and torch.equal(mask_a, mask_b) and torch.equal(trunc_a, trunc_b)
+    torch.testing.assert_close(logp_a, logp_b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(top_a[mask_a], top_b[mask_b])
+
+
+@torch.no_grad()
+def test_compaction_drops_finished_rows_without_changing_any_row(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=9).eval()
+    prompts = [[1, 40, 41], [1, 50, 51, 52, 53], [1, 60], [1, 44, 45, 46]]
+    eos = list(range(2, 40))  # many EOS ids: rows end at different steps
+    kw = dict(max_new_tokens=12, eos_ids=eos, pad_id=2, topk=3, seeds=[3, 4, 5, 6], temperature=1.2)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape[0]), with_kwargs=True)
+    compacted = sample(model, prompts, compact=True, **kw)
+    n_compact = list(calls)
+    calls.clear()
+    full = sample(model, prompts, compact=False, **kw)
+    hook.remove()
+    lengths = compacted[1].sum(-1)
+    assert len(set(lengths.tolist())) > 1  # rows did finish at different steps
+    _assert_same_samples(compacted, full)
+    # decode batches shrink as rows finish; without compaction every step runs all 4 rows
+    assert set(calls) == {4} and n_compact[-1] < 4 and sum(n_compact) < sum(calls)
+    # a row's sample does not depend on which other rows are still alive: alone, it samples the same
+    for i, p in enumerate(prompts):
+        alone = sample(model, [p], **{**kw, "seeds": [kw["seeds"][i]]})
+        n = int(lengths[i])
+        assert torch.equal(alone[0][0, :n], compacted[0][i, :n])
+        torch.testing.assert_close(alone[2][0, :n], compacted[2][i, :n], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_shared_prefill_equals_per_row_prefill(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=10).eval()
+    prompts = [[1, 40, 41]] * 3 + [[1, 50, 51, 52, 53]] * 3
+    kw = dict(max_new_tokens=8, eos_ids=[2, 30, 31], pad_id=2, topk=4, seeds=list(range(6)))
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: widths.append(tuple(k["input_ids"].shape)),
+                                           with_kwargs=True)
+    shared = sample(model, prompts, share_prefill=True, **kw)
+    assert widths[0] == (2, 5)  # the prefill ran once per distinct prompt
+    hook.remove()
+    _assert_same_samples(shared, sample(model, prompts, share_prefill=False, **kw))
+    assert len({tuple(r) for r in shared[0][:3].tolist()}) > 1  # the copies still sample independently

@@ -2,8 +2,13 @@
 
 Each worker loads the models, runs ``warmup`` + ``steps`` optimizer steps on the same prompts with the same
 batch, generation length and reverse-KL objective, and returns per-step wall times, the phase split, tokens
-and the process's peak RSS. Generation is fixed-length (EOS suppressed until ``new_tokens``) on both sides so
-both do exactly the same number of tokens.
+and the process's peak RSS. Two workloads (``BenchSettings.workload``):
+
+* ``fixed``: generation is fixed-length (EOS suppressed until ``new_tokens``) on both sides so both do exactly
+  the same number of tokens;
+* ``math``: DAPO-Math prompts, ``n`` samples per prompt, responses that stop at EOS (at most ``new_tokens``),
+  the same seed on both sides. The sides then sample different tokens, so the figure of merit is useful
+  (unpadded) response tokens per second next to seconds per step.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ class BenchSettings:
     k: int = 16
     trl_bf16: bool = False
     threads: int = 0
+    workload: str = "fixed"            # fixed | math (see the module docstring)
+    n: int = 1                         # samples per prompt (rows per step = batch * n)
+    seed: int = 0
     extra: list = field(default_factory=list)  # extra opdkit key=value overrides
 
 
@@ -36,15 +44,22 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
+def min_new_tokens(s: BenchSettings) -> int:
+    if s.workload not in ("fixed", "math"):
+        raise ValueError(f"unknown benchmark workload {s.workload!r}; use fixed or math")
+    return s.new_tokens if s.workload == "fixed" else 0
+
+
 def run_opdkit(s: BenchSettings, side: str = "opdkit", engine_overrides: tuple = ()) -> dict:
     from ..config import DistillConfig, load_config
     from ..train import Distiller
 
     overrides = [f"student.path={s.student}", f"teacher.path={s.teacher}", f"data.train={s.prompts}",
-                 "eval.prompts=0", f"rollout.prompts_per_step={s.batch}", f"rollout.max_new_tokens={s.new_tokens}",
-                 f"rollout.min_new_tokens={s.new_tokens}", f"objective.name={s.objective}", f"objective.k={s.k}",
-                 f"optim.lr={s.lr}", f"optim.micro_batch_size={s.batch}", "run.out_dir=/tmp/opdkit-bench-unused",
-                 "data.shuffle=false", *engine_overrides, *s.extra]
+                 "eval.prompts=0", f"rollout.prompts_per_step={s.batch}", f"rollout.n={s.n}",
+                 f"rollout.max_new_tokens={s.new_tokens}", f"rollout.min_new_tokens={min_new_tokens(s)}",
+                 f"objective.name={s.objective}", f"objective.k={s.k}", f"optim.lr={s.lr}",
+                 f"optim.micro_batch_size={s.batch * s.n}", "run.out_dir=/tmp/opdkit-bench-unused",
+                 f"run.seed={s.seed}", f"run.steps={s.warmup + s.steps}", "data.shuffle=false", *engine_overrides, *s.extra]
     cfg = load_config(DistillConfig, None, overrides)
     d = Distiller(cfg, log_to_disk=False)
     steps, phases, tokens = [], [], []
@@ -70,20 +85,21 @@ def run_trl(s: BenchSettings) -> dict:
     from ..data import read_rows
 
     rows = read_rows(s.prompts)
+    # n samples per prompt as n consecutive copies: TRL then samples each copy independently, as opdkit does
     prompts = [{"prompt": r["messages"] if "messages" in r else [{"role": "user", "content": r["prompt"]}]}
-               for r in rows]
+               for r in rows for _ in range(s.n)]
     tok = AutoTokenizer.from_pretrained(s.student, padding_side="left")
     student = AutoModelForCausalLM.from_pretrained(s.student, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(s.teacher, dtype=torch.float32)
     args = DistillationConfig(
-        output_dir="/tmp/opdkit-bench-trl", per_device_train_batch_size=s.batch, gradient_accumulation_steps=1,
+        output_dir="/tmp/opdkit-bench-trl", per_device_train_batch_size=s.batch * s.n, gradient_accumulation_steps=1,
         max_steps=s.warmup + s.steps, learning_rate=s.lr, beta=1.0, temperature=1.0,
-        max_completion_length=s.new_tokens, generation_kwargs={"min_new_tokens": s.new_tokens},
+        max_completion_length=s.new_tokens, generation_kwargs={"min_new_tokens": min_new_tokens(s)}, seed=s.seed,
         use_cpu=True, bf16=s.trl_bf16, gradient_checkpointing=False, logging_steps=1, report_to=[],
         save_strategy="no", shuffle_dataset=False, dataloader_num_workers=0, disable_tqdm=True)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                   train_dataset=Dataset.from_list(prompts), processing_class=tok)
-    timings = {"rollout": 0.0, "teacher": 0.0}
+    timings = {"rollout": 0.0, "teacher": 0.0, "tokens": 0}
 
     def timed(name, fn, predicate=lambda *a, **k: True):
         def wrapper(*a, **k):
@@ -96,27 +112,34 @@ def run_trl(s: BenchSettings) -> dict:
                 timings[name] += time.perf_counter() - start
         return wrapper
 
-    trainer._generate = timed("rollout", trainer._generate)
+    generate = timed("rollout", trainer._generate)
+
+    def counted(prompts):
+        out = generate(prompts)
+        timings["tokens"] += sum(len(c) for c in out[1])  # completion ids, cut after EOS: the useful tokens
+        return out
+
+    trainer._generate = counted
     trainer._get_last_hidden_state = timed("teacher", trainer._get_last_hidden_state,
                                            lambda model, *a, **k: model is trainer.teacher_model)
     records: list[dict] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            timings.update(rollout=0.0, teacher=0.0)
+            timings.update(rollout=0.0, teacher=0.0, tokens=0)
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             total = time.perf_counter() - self.start
             records.append({"step": total, "rollout": timings["rollout"], "teacher": timings["teacher"],
-                            "train": total - timings["rollout"] - timings["teacher"]})
+                            "train": total - timings["rollout"] - timings["teacher"], "tokens": timings["tokens"]})
 
     trainer.add_callback(StepTimer())
     trainer.train()
     measured = records[s.warmup:]
     return {"side": "trl", "step_seconds": [r["step"] for r in measured],
             "phases": [{k: r[k] for k in ("rollout", "teacher", "train")} for r in measured],
-            "tokens": [s.batch * s.new_tokens] * len(measured), "peak_rss_gb": peak_rss_gb(),
+            "tokens": [r["tokens"] for r in measured], "peak_rss_gb": peak_rss_gb(),
             "dtype_policy": "student and teacher fp32" + (", bf16 autocast (bf16=True)" if s.trl_bf16 else "")}
 
 

@@ -15,7 +15,8 @@ def _hf_rollout(cfg, student, *, eos_ids, pad_id, vocab_size, tokenizer):
     from ..rollout import HFRolloutEngine
 
     return HFRolloutEngine(student, eos_ids=eos_ids, pad_id=pad_id, sampling_dtype=DTYPES[cfg.student.sampling_dtype],
-                           vocab_size=vocab_size)
+                           vocab_size=vocab_size, share_prefill=cfg.rollout.share_prefill,
+                           compact=cfg.rollout.compact)
 
 
 def _vllm_rollout(cfg, student, *, eos_ids, pad_id, vocab_size, tokenizer):
@@ -33,7 +34,7 @@ def _hf_teacher(cfg, model, *, vocab_size, pad_id, tokenizer):
 
     t = cfg.teacher
     return HFTeacher(model, vocab_size=vocab_size, pad_id=pad_id, temperature=t.temperature, chunk_size=t.chunk_size,
-                     head_dtype=DTYPES[t.head_dtype], batch_size=t.batch_size)
+                     head_dtype=DTYPES[t.head_dtype], batch_size=t.batch_size, packed=t.packed)
 
 
 def _vllm_teacher(cfg, model, *, vocab_size, pad_id, tokenizer):
