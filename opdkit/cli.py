@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
 
 from .config import ConfigError
 from .errors import UserError

@@ -246,7 +246,7 @@ def _warn_slow_bf16(field_name: str, device, *, capability_fn=None, speedup_fn=N
         return
     _warned.add((cap.device_type, field_name))
     try:
-        slow = f"bf16 matmul measured {1 / (speedup_fn or measure_bf16_speedup)(device):.0f}x slower than fp32 here"
+        slow = f"bf16 matmul measured {1 / (speedup_fn or bf16_speedup)(device):.0f}x slower than fp32 here"
     except Exception:  # the warning must never be what breaks a run
         slow = "bf16 is emulated here"
     log.warning("%s=bfloat16 on %s (%s): %s; use %s=auto or float32 for speed", field_name, cap.name,

@@ -30,7 +30,7 @@ from .distributed import DistInfo, all_gather_objects, all_reduce_gradients, all
     devices_per_rank, init_from_env, local_rank, pad_cat, resolve_device, shard_bounds
 from .evaluation import decode_responses, evaluate
 from .loop import LoopSettings, TrainingDiverged, TrainingLoop, apply_update, prepare_run_dir
-from .loss import check_teacher_supports, full_vocab_fn, teacher_candidate_logp, token_loss
+from .loss import check_teacher_supports, full_vocab_fn, token_loss
 from .packing import enable_varlen_attention
 from .models import DTYPES, check_tokenizers, eos_token_ids, freeze, load_causal_lm, load_tokenizer, \
     model_vocab_size, resolve_model_path

@@ -11,7 +11,6 @@ fraction of the machine's measured matmul throughput each phase reaches.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess

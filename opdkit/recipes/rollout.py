@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from ..answers import extract_answer, score_response
 from ..config import ConfigError, _help, dump_yaml
