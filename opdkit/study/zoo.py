@@ -243,18 +243,26 @@ def _link_final(src: Path, dst: Path) -> None:
     dst.symlink_to(os.path.relpath(src, dst.parent), target_is_directory=True)
 
 
-@torch.no_grad()
 def accuracy(model_dir: Path, prompts: Path, threads: int = 1, max_new_tokens: int = 32) -> float:
     """Greedy accuracy of a zoo model on a prompt file (opdkit.evaluation, answers graded by opdkit.answers)."""
+    return greedy_metrics(model_dir, prompts, threads, max_new_tokens, dtype="float32")["eval/accuracy"]
+
+
+@torch.no_grad()
+def greedy_metrics(model_dir: Path, prompts: Path, threads: int | None = 1, max_new_tokens: int = 32,
+                   dtype: str = "auto") -> dict:
+    """``opdkit.evaluation.evaluate``'s greedy metrics (eval/accuracy, eval/answered, eval/len_mean) of a model."""
+    from ..hardware import configure_threads, fast_bf16
     from ..rollout import HFRolloutEngine
 
-    torch.set_num_threads(threads)
+    configure_threads(threads)
     tok = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir, "float32")
+    dtype = fast_bf16("cpu").dtype if dtype == "auto" else dtype
+    model = load_causal_lm(model_dir, dtype)
     examples = load_prompts(prompts, tok).examples
     engine = HFRolloutEngine(model, eos_ids=eos_token_ids(tok, model), pad_id=tok.pad_token_id,
-                             sampling_dtype=torch.float32, vocab_size=model_vocab_size(model))
+                             sampling_dtype=getattr(torch, dtype), vocab_size=model_vocab_size(model))
     metrics, _ = evaluate(student=model, engine=engine, teacher=None, tokenizer=tok, examples=examples,
                           teacher_prompts=[], max_new_tokens=max_new_tokens, batch_size=64,
                           pad_id=tok.pad_token_id, vocab_size=model_vocab_size(model))
-    return metrics["eval/accuracy"]
+    return metrics
