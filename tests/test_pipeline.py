@@ -56,6 +56,7 @@ def test_one_step_off_samples_from_weights_one_update_old_and_corrects_for_it(sh
     ref = make(sharp_dirs, prompts, tmp_path / "ref", **{"objective.is_correction": "truncated",
                                                          "objective.is_clip": clip})
     m1, b1 = d.opd_step(1)
+    after_1 = {k: v.clone() for k, v in d.student.state_dict().items()}
     _, ref_b1 = ref.opd_step(1)
     assert m1["pipeline/staleness"] == 0.0  # nothing to overlap with yet: the first rollout is on-policy
     assert torch.equal(b1.rollout.response_ids, ref_b1.rollout.response_ids)
@@ -76,8 +77,13 @@ def test_one_step_off_samples_from_weights_one_update_old_and_corrects_for_it(sh
     assert m2["opd/is_weight_mean"] == pytest.approx(float(w[mask].mean()), rel=1e-5)
     assert m2["opd/is_clipped_frac"] == pytest.approx(float((w[mask] >= clip).float().mean()), abs=1e-6)
     assert m2["opd/is_weight_mean"] != pytest.approx(1.0, abs=1e-3)
-    m3, _ = d.opd_step(3)
+    m3, b3 = d.opd_step(3)
     assert m3["pipeline/staleness"] == 1.0 and d.pipeline.inflight is None  # the last step launches nothing
+    # step 3 was sampled from the weights after update 1: the deferred sync did reach the sampling copy
+    fresh.student.load_state_dict(after_1)
+    fresh.engine.sync_weights(fresh.student)
+    assert torch.equal(b3.rollout.response_ids, fresh.rollout(fresh.sampler.next_batch(),
+                                                              step_seed(fresh.cfg.run.seed, 3)).response_ids)
     assert all(math.isfinite(m[k]) for m in (m1, m2, m3) for k in ("opd/loss", "optim/grad_norm"))
 
 
@@ -181,7 +187,7 @@ def test_interrupted_one_step_off_run_resumes_with_the_prompts_of_an_uninterrupt
     after_done = PromptSampler(len(interrupted.train_set), 3, interrupted.cfg.run.seed, interrupted.cfg.data.shuffle)
     for _ in range(done):
         after_done.next_batch()
-    assert interrupted.sampler.state_dict() == after_done.state_dict()
+    assert interrupted.sampler.before is None and interrupted.sampler.inner.state_dict() == after_done.state_dict()
     saved = torch.load(latest_checkpoint(tmp_path / "run") / "trainer_state.pt", weights_only=False)["sampler"]
     assert saved == after_done.state_dict()
 
