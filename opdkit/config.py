@@ -231,6 +231,12 @@ class RunConfig:
     threads: Optional[int] = _help("torch CPU threads (default: this process's share of the cores: all of them, "
                                    "or cores / LOCAL_WORLD_SIZE per rank under torchrun)", default=None)
     progress: bool = _help("show a progress bar", default=True)
+    pipeline: Literal["sync", "one_step_off"] = _help(
+        "sync: rollout, teacher scoring and training one after another; one_step_off: the rollout of step t+1 is "
+        "sampled on a worker thread, from weights one optimizer step old, while step t is scored and trained "
+        "(logs pipeline/staleness; pair with objective.is_correction=truncated)", default="sync")
+    rollout_threads: Optional[int] = _help("run.pipeline=one_step_off: torch CPU threads of the rollout worker "
+                                           "(default: as many as training uses)", default=None)
 
 
 @dataclass
@@ -299,6 +305,7 @@ class DistillConfig:
         for key in ("student.device", "teacher.device"):
             _check_device(key, _get(self, key))
         self._validate_engines()
+        self._validate_pipeline()
         if self.distributed.strategy == "fsdp2":
             if self.student.lora_rank:
                 raise ConfigError("distributed.strategy=fsdp2 trains all weights; LoRA (student.lora_rank > 0) "
@@ -306,6 +313,20 @@ class DistillConfig:
             if self.rollout.engine != "hf":
                 raise ConfigError("distributed.strategy=fsdp2 needs rollout.engine=hf (the sharded student syncs "
                                   "its gathered weights into the HF sampler); serve the teacher with vLLM instead")
+
+    def _validate_pipeline(self) -> None:
+        if self.run.rollout_threads is not None:
+            _positive(self, ["run.rollout_threads"])
+        if self.run.pipeline != "one_step_off":
+            return
+        if self.distributed.strategy == "fsdp2":
+            raise ConfigError("run.pipeline=one_step_off samples on a worker thread, but distributed.strategy=fsdp2 "
+                              "gathers the sharded weights for sampling with collectives that must run in step "
+                              "with training: use run.pipeline=sync, or distributed.strategy=ddp")
+        if self.objective.prune == "truncate":
+            raise ConfigError("objective.prune=truncate scores the rollout with the teacher while it is sampled, "
+                              "which run.pipeline=one_step_off would do on its worker while the main thread scores "
+                              "the previous step: use objective.prune=downweight, or run.pipeline=sync")
 
     def _validate_objective_extras(self) -> None:
         o = self.objective

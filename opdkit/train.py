@@ -32,6 +32,7 @@ from .evaluation import decode_responses, evaluate
 from .loop import LoopSettings, TrainingDiverged, TrainingLoop, apply_update, prepare_run_dir
 from .loss import check_teacher_supports, full_vocab_fn, token_loss
 from .packing import enable_varlen_attention
+from .pipeline import build_pipeline
 from .models import DTYPES, check_tokenizers, eos_token_ids, freeze, load_causal_lm, load_tokenizer, \
     model_vocab_size, resolve_model_path
 from .rollout import Rollout
@@ -46,7 +47,7 @@ __all__ = ["Distiller", "TrainingDiverged", "run_distill", "step_seed"]
 
 # Keys a resumed run may change (applied and recorded); any other change needs run.resume_override=true.
 RESUME_CADENCE_KEYS = {"run.steps", "run.save_every", "run.keep_checkpoints", "run.log_samples", "run.tensorboard",
-                       "run.threads", "run.progress", "eval.every",
+                       "run.threads", "run.rollout_threads", "run.progress", "eval.every",
                        # how the same computation is laid out over processes (sharded checkpoints re-shard)
                        "distributed.strategy", "distributed.cpu_offload", "distributed.reshard_after_forward",
                        "distributed.memory_table"}
@@ -161,6 +162,9 @@ class Distiller:
         self.bad_steps = 0
         self.completed = 0
         self.step_extra: dict = {}  # per-step metrics the stages add (Prune-OPD, importance weights)
+        self.pipeline = build_pipeline(self)  # None with run.pipeline=sync
+        if self.pipeline is not None:  # a batch drawn ahead for the in-flight rollout is not drawn yet
+            self.sampler = self.pipeline.sampler
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -387,11 +391,14 @@ class Distiller:
 
         Returns the step loss and ``finish(optim_metrics) -> (metrics, batch)``, to call after the update."""
         timer = PhaseTimer()
-        indices = self.sampler.next_batch()
         self.step_extra = {}
         with timer("rollout"):
-            stop = self.drift_stop(indices) if self.cfg.objective.prune == "truncate" else None
-            rollout = self.rollout(indices, step_seed(self.cfg.run.seed, step), stop_hook=stop)
+            if self.pipeline is not None:  # sampled on the pipeline's worker while the last step trained
+                stop, rollout = None, self.pipeline.rollout_for(step, self.step_extra)
+            else:
+                indices = self.sampler.next_batch()
+                stop = self.drift_stop(indices) if self.cfg.objective.prune == "truncate" else None
+                rollout = self.rollout(indices, step_seed(self.cfg.run.seed, step), stop_hook=stop)
         if stop is not None:
             # the teacher's chunks ran inside the decode loop: book them as teacher time
             timer.seconds["rollout"] -= stop.seconds
@@ -420,11 +427,7 @@ class Distiller:
                      timer: PhaseTimer) -> tuple[dict, StepBatch]:
         optim_metrics = dict(optim_metrics)
         if not optim_metrics["optim/skipped"]:
-            self.engine.sync_weights(self.student)
-            sync = getattr(self.engine, "last_sync", None)  # engines that check their weight sync report it
-            if sync:
-                optim_metrics["time/weight_sync"] = sync["push_seconds"] + sync["check_seconds"]
-                optim_metrics["rollout/sync_probe_diff"] = sync["probe_mean_abs_diff"]
+            optim_metrics.update(self.sync_sampler() if self.pipeline is None else self.pipeline.after_update())
         batch.texts = texts
         batch = self.gather(batch)
         diagnostics = {} if scores is None else step_diagnostics(
@@ -434,6 +437,15 @@ class Distiller:
                    **self.mismatch_metrics(batch), **{f"time/{k}": v for k, v in timer.seconds.items()}}
         metrics["time/step"] = sum(timer.seconds.values())
         return metrics, batch
+
+    def sync_sampler(self) -> dict:
+        """Copy the trained weights into the sampling model; engines that check their sync report it."""
+        self.engine.sync_weights(self.student)
+        sync = getattr(self.engine, "last_sync", None)
+        if not sync:
+            return {}
+        return {"time/weight_sync": sync["push_seconds"] + sync["check_seconds"],
+                "rollout/sync_probe_diff": sync["probe_mean_abs_diff"]}
 
     def opd_step(self, step: int) -> tuple[dict, StepBatch]:
         """One whole step outside the loop (tests, benchmarks): no checkpoints, no interrupt handling."""
@@ -539,6 +551,8 @@ class Distiller:
 
     def evaluate(self) -> tuple[dict, list[dict]]:
         """Held-out evaluation on rank 0 (the other ranks wait; with fsdp2 they join its forwards' all-gathers)."""
+        if self.pipeline is not None:  # the sampling model must hold the trained weights, and be free
+            self.pipeline.drain()
         result: tuple[dict, list[dict]] = ({}, [])
         if (self.dist.is_main or self.sharded) and self.eval_set:
             result = self._evaluate()
@@ -557,6 +571,8 @@ class Distiller:
                         vocab_size=self.vocab_size, chunk_size=self.cfg.objective.chunk_size)
 
     def save(self, step: int) -> Path | None:
+        if self.pipeline is not None:
+            self.pipeline.drain()
         path = None
         if self.sharded:
             from .fsdp import save_sharded_checkpoint
@@ -620,7 +636,11 @@ class Distiller:
     def run(self) -> dict:
         if self.cfg.distributed.memory_table and self.dist.is_main:
             console.print(self.memory_table(), highlight=False)
-        result = TrainingLoop(self, self.loop_settings()).run()
+        try:
+            result = TrainingLoop(self, self.loop_settings()).run()
+        finally:
+            if self.pipeline is not None:  # an interrupt hands the untrained in-flight batch back
+                self.pipeline.close()
         summary: dict = {"steps": self.cfg.run.steps, "skipped_long_prompts": self.skipped_long}
         before, after = result.before, result.after
         if before:

@@ -60,3 +60,17 @@ def test_markdown_names_the_math_workload():
     text = markdown(summary, BenchSettings(workload="math", batch=2, n=4, new_tokens=256), repeats=1)
     assert "2 DAPO-Math prompts x 4 samples per step, responses stop at EOS (at most 256 new tokens)" in text
     assert "| useful tokens per second | 256.0 | 64.0 | **4.00** |" in text
+
+
+def test_the_one_step_off_side_trains_on_samples_one_update_old(tiny_dirs, prompts_file):
+    from opdkit.bench.workers import WORKERS
+
+    s = BenchSettings(student=str(tiny_dirs["student"]), teacher=str(tiny_dirs["teacher"]), prompts=str(prompts_file),
+                      batch=2, new_tokens=8, steps=2, warmup=1, k=4, extra=["run.progress=false"])
+    sync, off = WORKERS["opdkit"](s), WORKERS["opdkit-async"](s)
+    assert off["side"] == "opdkit-async" and len(off["step_seconds"]) == 2
+    # the measured steps (after the warm-up) were sampled while the previous step trained
+    assert (sync["staleness"], off["staleness"]) == ([0.0, 0.0], [1.0, 1.0])
+    assert "opdkit (HF, one_step_off)" in markdown(with_ratios({"opdkit": summarise([sync]), "opdkit-async":
+                                                                 summarise([off]), "trl": summarise([sync])}),
+                                                   s, repeats=1)

@@ -111,7 +111,7 @@ def with_ratios(summary: dict) -> dict:
 
 
 TITLES = {"opdkit": "opdkit (HF rollouts)", "opdkit-vllm": "opdkit (vLLM rollouts)",
-"trl": "TRL DistillationTrainer"}
+          "opdkit-async": "opdkit (HF, one_step_off)", "trl": "TRL DistillationTrainer"}
 
 
 def markdown(summary: dict, s: BenchSettings, repeats: int) -> str:
@@ -171,6 +171,8 @@ def add_commands(sub) -> None:
                    help="TRL's precision: bfloat16 is bf16=True autocast; auto: what opdkit's precision policy picks "
                         "on this machine (bf16 only where it is native and measured faster)")
     p.add_argument("--vllm", action="store_true", help="also run opdkit with vLLM rollouts (needs the vllm extra)")
+    p.add_argument("--one-step-off", action="store_true",
+                   help="also run opdkit with run.pipeline=one_step_off (its rollout worker uses --threads more)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: all cores)")
     p.add_argument("--ablation", action="store_true",
                    help="also time each less-work optimisation off and on, phase by phase, on the math workload")
@@ -209,7 +211,8 @@ def _cmd_bench(args) -> int:
           f"(opdkit dtype auto -> {machine['auto_dtype']}, TRL {trl_dtype}).\n"]
     console.print(md[0])
     if not args.skip_compare:
-        sides = ("opdkit",) + (("opdkit-vllm",) if args.vllm else ()) + ("trl",)
+        sides = ("opdkit",) + (("opdkit-vllm",) if args.vllm else ()) + \
+            (("opdkit-async",) if args.one_step_off else ()) + ("trl",)
         report["compare"] = {}
         for w, ws in per_workload.items():
             console.print(f"workload {w}: comparing opdkit and TRL, {args.repeats} alternating runs each")

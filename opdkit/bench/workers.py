@@ -62,7 +62,7 @@ def run_opdkit(s: BenchSettings, side: str = "opdkit", engine_overrides: tuple =
                  f"run.seed={s.seed}", f"run.steps={s.warmup + s.steps}", "data.shuffle=false", *engine_overrides, *s.extra]
     cfg = load_config(DistillConfig, None, overrides)
     d = Distiller(cfg, log_to_disk=False)
-    steps, phases, tokens = [], [], []
+    steps, phases, tokens, staleness = [], [], [], []
     for step in range(1, s.warmup + s.steps + 1):
         metrics, _ = d.opd_step(step)
         if step > s.warmup:
@@ -70,7 +70,9 @@ def run_opdkit(s: BenchSettings, side: str = "opdkit", engine_overrides: tuple =
             phases.append({k.split("/")[1]: metrics[f"time/{k.split('/')[1]}"] for k in
                            ("time/rollout", "time/teacher", "time/train")})
             tokens.append(metrics["rollout/tokens"])
-    return {"side": side, "step_seconds": steps, "phases": phases, "tokens": tokens, "peak_rss_gb": peak_rss_gb(),
+            staleness.append(metrics.get("pipeline/staleness", 0.0))
+    return {"side": side, "step_seconds": steps, "phases": phases, "tokens": tokens, "staleness": staleness,
+            "peak_rss_gb": peak_rss_gb(),
             "dtype_policy": f"student fp32 master + {cfg.student.compute_dtype} autocast, {cfg.student.sampling_dtype} "
                             f"sampling copy ({cfg.rollout.engine}); teacher {cfg.teacher.dtype} with {cfg.teacher.head_dtype} head; "
                             f"student head {cfg.student.head_dtype}"}
@@ -148,7 +150,12 @@ def run_opdkit_vllm(s: BenchSettings) -> dict:
     return run_opdkit(s, "opdkit-vllm", ("rollout.engine=vllm", "rollout.vllm_kv_cache_gib=1"))
 
 
-WORKERS = {"opdkit": run_opdkit, "opdkit-vllm": run_opdkit_vllm, "trl": run_trl}
+def run_opdkit_async(s: BenchSettings) -> dict:
+    # the rollout of step t+1 on a worker thread (with as many torch threads as training) while step t trains
+    return run_opdkit(s, "opdkit-async", ("run.pipeline=one_step_off",))
+
+
+WORKERS = {"opdkit": run_opdkit, "opdkit-vllm": run_opdkit_vllm, "opdkit-async": run_opdkit_async, "trl": run_trl}
 
 
 def worker_main(side: str, settings_json: str, out: str) -> None:
