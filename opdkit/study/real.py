@@ -404,6 +404,9 @@ def run_real_experiment(zoo: RealZoo, exp: Experiment, seed: int, opd: RealOPDCo
                    "rollout/tokens@sum": sum(t for t in tokens if isinstance(t, (int, float))) or None,
                    "prune/pruned_frac@mean": _mean([r.get("prune/pruned_frac") for r in rows if "opd/loss" in r])})
     done.write_text(json.dumps(result, indent=1))
+    # The study needs the metrics, not the 135M-parameter weights (about 2 GB of model and optimizer state per run).
+    for heavy in ("checkpoints", "final_model"):
+        shutil.rmtree(rd / heavy, ignore_errors=True)
     return result
 
 
