@@ -269,6 +269,7 @@ def check_fsdp2_single_gpu(device: str = "cuda", steps: int = 3, seed: int = 0) 
     """
     import time
 
+    from .candidates import Candidates
     from .student import student_forward
     from .tiny import tiny_llama
 
@@ -286,13 +287,13 @@ def check_fsdp2_single_gpu(device: str = "cuda", steps: int = 3, seed: int = 0) 
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 7:] = False
     mask[3, 4:] = False
-    at_ids = torch.randint(0, vocab, (B, T, 5), generator=gen)
+    candidates = Candidates(torch.randint(0, vocab, (B, T, 5), generator=gen))
 
     def train(model) -> tuple[list[float], dict[str, torch.Tensor]]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4)
         losses = []
         for _ in range(steps):
-            out = student_forward(model, prompts, response, mask, pad_id=2, vocab_size=vocab, at_ids=at_ids,
+            out = student_forward(model, prompts, response, mask, pad_id=2, vocab_size=vocab, candidates=candidates,
                                   chunk_size=7, compute_dtype=torch.float32, head_dtype=torch.float32)
             m = mask.to(out.logp_sampled.device)
             loss = -((out.logp_sampled + 0.1 * out.logp_at.mean(-1)) * m).sum() / m.sum()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import objectives as obj
+from . import losses
 from .answers import score_response
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .config import ConfigError, DistillConfig, dump_yaml
@@ -30,13 +30,14 @@ from .distributed import DistInfo, all_gather_objects, all_reduce_gradients, all
     devices_per_rank, init_from_env, local_rank, pad_cat, resolve_device, shard_bounds
 from .evaluation import decode_responses, evaluate
 from .loop import LoopSettings, TrainingDiverged, TrainingLoop, apply_update, prepare_run_dir
-from .loss import check_teacher_supports, full_vocab_fn, token_loss
+from .candidates import Candidates
+from .objectives import check_teacher_supports, objective_for, token_loss
 from .packing import enable_varlen_attention
 from .models import DTYPES, check_tokenizers, eos_token_ids, freeze, load_causal_lm, load_tokenizer, \
     model_vocab_size, resolve_model_path
 from .rollout import Rollout
 from .scoring import TeacherScores
-from .student import student_forward
+from .student import TeacherLogits, student_forward
 from .tracking import console
 from .hardware import configure_threads
 
@@ -129,6 +130,11 @@ class StepBatch:
     student_entropy: torch.Tensor
     rewards: torch.Tensor | None
     texts: list[str] = field(default_factory=list)
+
+    @property
+    def candidates(self) -> Candidates | None:
+        """The layout of ``student_logp_at``: the rollout's top-k S^p, then the teacher's S^q when it has one."""
+        return Candidates.of(self.rollout.topk_ids, None if self.scores is None else self.scores.topk_ids)
 
 
 class Distiller:
@@ -262,6 +268,7 @@ class Distiller:
                                                vocab_size=self.vocab_size, tokenizer=self.tokenizer)
         self.teacher = None
         self.k = 0
+        self.objective = objective_for(cfg.objective)
         if cfg.uses_teacher:
             self.teacher = build_teacher(cfg, self.teacher_model, vocab_size=self.vocab_size, pad_id=self.pad_id,
                                          tokenizer=self.tokenizer, student_vocab=model_vocab_size(self.student))
@@ -296,7 +303,7 @@ class Distiller:
         start, end = shard_bounds(len(indices), self.dist)
         rows = [self.train_set[i].teacher_ids for i in indices[start:end] for _ in range(self.cfg.rollout.n)]
         return DriftStop(self.teacher, rows, k=self.k, threshold=o.prune_threshold, window=o.prune_window,
-                         pad_id=self.pad_id, eos_ids=self.eos_ids, keep_hidden=full_vocab_fn(o) is not None)
+                         pad_id=self.pad_id, eos_ids=self.eos_ids, keep_hidden=self.objective.full_vocab)
 
     def score(self, rollout: Rollout) -> TeacherScores | None:
         if self.teacher is None:
@@ -304,7 +311,7 @@ class Distiller:
         prompts = [self.train_set[i].teacher_ids for i in rollout.example_index]
         return self.teacher.score(prompts, rollout.response_ids, rollout.response_mask, k=self.k,
                                   student_topk_ids=rollout.topk_ids if "at_ids" in self.teacher.capabilities else None,
-                                  keep_hidden=full_vocab_fn(self.cfg.objective) is not None,
+                                  keep_hidden=self.objective.full_vocab,
                                   sources=[self.train_set[i].source for i in rollout.example_index])
 
     def outcome_rewards(self, rollout: Rollout, texts: list[str]) -> torch.Tensor | None:
@@ -324,11 +331,7 @@ class Distiller:
         cpu_scores = None if scores is None else scores.to("cpu", hidden=False)
         scores, topk_ids, rewards_d = on_device(next(self.student.parameters()).device, scores, rollout.topk_ids,
                                                 rewards)
-        at_ids = valid = None
-        if self.k and scores is not None:
-            at_ids = torch.cat([topk_ids, scores.topk_ids], -1) if scores.topk_ids is not None else topk_ids
-            if scores.topk_ids is not None:
-                valid = obj.candidate_mask(o.strategy, topk_ids, scores.topk_ids)
+        candidates = Candidates.of(topk_ids, scores.topk_ids) if self.k and scores is not None else None
         opd_w = None
         if o.prune == "downweight" and cpu_scores is not None:
             drift = rollout_drift(rollout, cpu_scores, self.k, o.prune_threshold, o.prune_window)
@@ -338,8 +341,8 @@ class Distiller:
         is_sum = is_clipped = 0.0
         seq_adv = None
         if o.outcome_weight and rewards is not None:
-            seq_adv = obj.group_advantages(rewards_d, rollout.group_size)
-        full_fn = full_vocab_fn(o) if scores is not None else None
+            seq_adv = losses.group_advantages(rewards_d, rollout.group_size)
+        objective = self.objective if scores is not None else None
         total = 0.0
         logp_sampled, logp_at, entropy = [], [], []
         mb = self.cfg.optim.micro_batch_size
@@ -347,23 +350,25 @@ class Distiller:
             rows = torch.arange(start, min(start + mb, len(rollout)))
             sub = rollout.select(rows.tolist())
             sub_scores = None if scores is None else scores.select(rows)
+            sub_candidates = None if candidates is None else candidates.select(rows)
+            full_vocab = objective is not None and objective.full_vocab
             out = student_forward(
                 self.student, sub.prompt_ids, sub.response_ids, sub.response_mask, pad_id=self.pad_id,
-                vocab_size=self.vocab_size, at_ids=None if at_ids is None else at_ids[rows],
+                vocab_size=self.vocab_size, candidates=sub_candidates, objective=objective,
+                teacher=TeacherLogits(sub_scores.hidden, self.teacher.head_logits) if full_vocab else None,
                 chunk_size=o.chunk_size, temperature=self.cfg.rollout.temperature,
                 compute_dtype=DTYPES[self.cfg.student.compute_dtype], head_dtype=DTYPES[self.cfg.student.head_dtype],
-                full_fn=full_fn,
-                teacher_hidden=None if sub_scores is None else sub_scores.hidden,
-                teacher_head=getattr(self.teacher, "head_logits", None), packed=self.student_packed)
-            per_token = token_loss(o, out, sub_scores, None if valid is None else valid[rows],
+                packed=self.student_packed)
+            per_token = token_loss(self.objective, out, sub_scores, sub_candidates,
                                    None if seq_adv is None else seq_adv[rows], None if opd_w is None else opd_w[rows])
             if o.is_correction == "truncated":
                 sub_mask = sub.response_mask.to(per_token.device)
-                weight = obj.truncated_is_weight(out.logp_sampled, sub.sampling_logp.to(per_token.device), o.is_clip)
+                weight = losses.truncated_is_weight(out.logp_sampled, sub.sampling_logp.to(per_token.device),
+                                                    o.is_clip)
                 per_token = per_token * weight
                 is_sum += float((weight * sub_mask).sum())
                 is_clipped += float(((weight >= o.is_clip) & sub_mask).sum())
-            loss = obj.aggregate(per_token, sub.response_mask.to(per_token.device), o.aggregation,
+            loss = losses.aggregate(per_token, sub.response_mask.to(per_token.device), o.aggregation,
                                  num_tokens, num_seqs)
             loss.backward()
             total = total + loss.detach()  # one host sync per step (below), not one per micro-batch

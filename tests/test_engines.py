@@ -17,7 +17,7 @@ from opdkit.data import render_prompt
 from opdkit.engines.logprobs import EngineOutputError, assemble_rollout, scores_from_prompt_logprobs, top_ids
 from opdkit.engines.routing import route_metrics
 from opdkit.engines.server import ServerError, ServerTeacher
-from opdkit.loss import check_teacher_supports
+from opdkit.objectives import check_teacher_supports
 from opdkit.models import TokenizerMismatchError, load_causal_lm
 from opdkit.scoring import HFTeacher
 from opdkit.tiny import save_tiny, tiny_llama

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from opdkit import objectives as obj
+from opdkit import losses as obj
+from opdkit.candidates import Candidates, candidate_mask
 from opdkit.config import ObjectiveConfig
 
 L = math.log
@@ -82,7 +83,7 @@ def test_teacher_topk_forward_kl_hand_value():
     ("union", {1, 2, 3, 4, 5}), ("symmetric_difference", {1, 2, 4, 5})])
 def test_candidate_mask_selects_named_set(strategy, expected):
     s_ids, t_ids = torch.tensor([[[1, 2, 3]]]), torch.tensor([[[3, 4, 5]]])
-    valid = obj.candidate_mask(strategy, s_ids, t_ids)
+    valid = candidate_mask(strategy, s_ids, t_ids)
     ids = torch.cat([s_ids, t_ids], -1)[valid].tolist()
     assert set(ids) == expected
     assert len(ids) == len(expected)  # duplicates (3 in union) are masked, never counted twice
@@ -108,7 +109,7 @@ ALL_CONFIGS = [
 
 @pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=lambda c: f"{c.strategy}-{c.weighting}-{c.form}")
 def test_student_equals_teacher_gives_zero_loss_and_gradient(cfg):
-    from opdkit.loss import OBJECTIVES
+    from opdkit.objectives import objective_for
     from opdkit.scoring import TeacherScores
     from opdkit.student import StudentOutputs
 
@@ -124,8 +125,7 @@ def test_student_equals_teacher_gives_zero_loss_and_gradient(cfg):
     scores = TeacherScores(sampled_logp=teacher_logp[..., 0], topk_ids=t_top, topk_logp=teacher_logp[..., k:],
                            logp_at_student_topk=teacher_logp[..., :k])
     out = StudentOutputs(logp_sampled=student_logp[..., 0], logp_at=student_logp, entropy=torch.zeros(2, 3))
-    valid = obj.candidate_mask(cfg.strategy, s_top, t_top)
-    loss = OBJECTIVES[cfg.name](cfg, out, scores, valid)
+    loss = objective_for(cfg).token_loss(out, scores, Candidates(s_top, t_top))
     total = obj.aggregate(loss, torch.ones(2, 3), "token_mean")
     total.backward()
     assert abs(total.item()) < 1e-6
@@ -134,7 +134,7 @@ def test_student_equals_teacher_gives_zero_loss_and_gradient(cfg):
 
 @pytest.mark.parametrize("name", ["sampled", "reverse_kl", "forward_kl", "jsd", "teacher_topk_forward_kl"])
 def test_other_objectives_zero_at_equality(name):
-    from opdkit.loss import OBJECTIVES, full_vocab_fn
+    from opdkit.objectives import objective_for
     from opdkit.scoring import TeacherScores
     from opdkit.student import StudentOutputs
 
@@ -144,13 +144,13 @@ def test_other_objectives_zero_at_equality(name):
     t_top = logits.detach().topk(k, -1).indices
     sampled = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(0))
     logp = torch.log_softmax(logits, -1)
-    full = full_vocab_fn(cfg)
+    objective = objective_for(cfg)
     out = StudentOutputs(logp_sampled=logp.gather(-1, sampled[..., None]).squeeze(-1),
                          logp_at=logp.gather(-1, torch.cat([t_top, t_top], -1)), entropy=torch.zeros(2, 4),
-                         full_loss=None if full is None else full(logits, logits.detach()))
+                         full_loss=objective.chunk_loss(logits, logits.detach()) if objective.full_vocab else None)
     scores = TeacherScores(sampled_logp=out.logp_sampled.detach(), topk_ids=t_top,
                            topk_logp=logp.detach().gather(-1, t_top))
-    loss = obj.aggregate(OBJECTIVES[name](cfg, out, scores, None), torch.ones(2, 4), "token_mean")
+    loss = obj.aggregate(objective.token_loss(out, scores, Candidates(t_top, t_top)), torch.ones(2, 4), "token_mean")
     loss.backward()
     assert abs(loss.item()) < 1e-5
     assert logits.grad.abs().max().item() < 1e-5

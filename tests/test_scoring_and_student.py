@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from opdkit import objectives as obj
+from opdkit import losses as obj
+from opdkit.candidates import Candidates
+from opdkit.objectives import ReverseKL
 from opdkit.rollout import left_pad, sample
 from opdkit.scoring import HFTeacher
-from opdkit.student import student_forward
+from opdkit.student import TeacherLogits, student_forward
 from opdkit.tiny import tiny_llama
 
 
@@ -65,15 +67,16 @@ def test_student_forward_matches_direct_and_chunked_gradients_agree(pair, batch)
     prompts, resp, mask, s_top = batch
     scorer = HFTeacher(teacher, vocab_size=V, pad_id=2, chunk_size=4)
     t_scores = scorer.score(prompts, resp, mask, k=5, student_topk_ids=s_top, keep_hidden=True)
-    ids = torch.cat([s_top, t_scores.topk_ids], -1)
+    candidates = Candidates(s_top, t_scores.topk_ids)
+    ids = candidates.ids
     with torch.no_grad():
         logp = torch.log_softmax(direct_logits(student, prompts, resp), -1)
     grads, outs = [], []
     for chunk in (3, 10_000):
         student.zero_grad()
-        out = student_forward(student, prompts, resp, mask, pad_id=2, vocab_size=V, at_ids=ids, chunk_size=chunk,
-                              full_fn=obj.reverse_kl, teacher_hidden=t_scores.hidden,
-                              teacher_head=scorer.head_logits)
+        out = student_forward(student, prompts, resp, mask, pad_id=2, vocab_size=V, candidates=candidates,
+                              chunk_size=chunk, objective=ReverseKL(),
+                              teacher=TeacherLogits(t_scores.hidden, scorer.head_logits))
         (out.logp_at.sum() + out.full_loss.sum() + out.logp_sampled.sum()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
         outs.append(out)

@@ -175,11 +175,11 @@ def vllm_server(_server_process):
 
 
 def test_served_teacher_scores_rollouts_during_distill_and_the_student_learns(vllm_dirs, vllm_server, tmp_path):
-    from opdkit import objectives as obj
+    from opdkit.objectives import ReverseKL
     from opdkit.engines.server import ServerError
     from opdkit.models import load_causal_lm
     from opdkit.scoring import HFTeacher
-    from opdkit.student import student_forward
+    from opdkit.student import TeacherLogits, student_forward
 
     common = {"teacher.engine": "server", "teacher.url": vllm_server, "teacher.request_batch_size": 3,
               "objective.name": "sampled", "objective.k": 16, "optim.lr": 0.01, "rollout.n": 2,
@@ -198,8 +198,8 @@ def test_served_teacher_scores_rollouts_during_distill_and_the_student_learns(vl
     def exact_kl() -> float:  # exact full-vocabulary reverse KL to the (local copy of the) teacher on `fixed`
         with torch.no_grad():
             out = student_forward(d.student, fixed.prompt_ids, fixed.response_ids, m, pad_id=d.pad_id,
-                                  vocab_size=d.vocab_size, full_fn=obj.reverse_kl, teacher_hidden=ref.hidden,
-                                  teacher_head=local.head_logits)
+                                  vocab_size=d.vocab_size, objective=ReverseKL(),
+                                  teacher=TeacherLogits(ref.hidden, local.head_logits))
         return float(out.full_loss[m].mean())
 
     before = exact_kl()

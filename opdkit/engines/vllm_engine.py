@@ -302,7 +302,7 @@ class VLLMTeacher:
     """Teacher scoring with an in-process vLLM engine via ``prompt_logprobs``: each row's prompt and response ids
     are sent as one token prompt with ``max_tokens=1``; the log-probs at the response positions give the
     sampled-token log-prob and the teacher's top-k. vLLM cannot return log-probs at arbitrary ids, the entropy or
-    hidden states, so objectives that need them are refused up front (``opdkit.loss.check_teacher_supports``).
+    hidden states, so objectives that need them are refused up front (``opdkit.objectives.check_teacher_supports``).
     """
 
     capabilities = frozenset({"sampled", "topk"})
