@@ -76,7 +76,7 @@ def reference_responses(model, prompts: list[list[int]], answers: list[str | Non
     Returns a dict with ``response_ids`` (B, T), ``response_mask`` (B, T), ``texts``, and ``accuracy``,
     ``answered`` (fraction with an explicit final answer) and ``len_mean`` over the B prompts.
     """
-    from .rollout import sample
+    from .engines.hf_rollout import sample
 
     was_training = model.training
     model.eval()

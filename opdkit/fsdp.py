@@ -52,7 +52,7 @@ def ensure_process_group(device: str) -> DistInfo:
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    from .scoring import decoder_and_head
+    from .lm import decoder_and_head
 
     decoder, _ = decoder_and_head(model)
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
@@ -141,30 +141,6 @@ def rollout_copy(student, sampling_dtype: torch.dtype):
     plain = copy.deepcopy(student).to(sampling_dtype)
     plain.requires_grad_(False)
     return plain
-
-
-class GatheredRolloutEngine:
-    """The HF sampler on a full copy of the student, refreshed from the shards after each optimizer step.
-
-    Sampling then needs no collectives, so ranks may stop decoding at different lengths.
-    """
-
-    def __init__(self, plain, *, eos_ids: list[int], pad_id: int, vocab_size: int | None):
-        from .rollout import HFRolloutEngine
-
-        self.inner = HFRolloutEngine(plain, eos_ids=eos_ids, pad_id=pad_id,
-                                     sampling_dtype=next(plain.parameters()).dtype, vocab_size=vocab_size)
-        self.model = self.inner.model
-
-    @torch.no_grad()
-    def sync_weights(self, student) -> None:
-        target = dict(self.model.named_parameters())
-        for name, param in student.named_parameters():
-            full = param.full_tensor() if hasattr(param, "full_tensor") else param
-            target[name].copy_(full)
-
-    def generate(self, *args, **kwargs):
-        return self.inner.generate(*args, **kwargs)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------

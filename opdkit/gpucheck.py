@@ -112,7 +112,7 @@ def token_loss_every_objective(ctx: Context) -> dict:
     from .config import ObjectiveConfig
     from .candidates import Candidates
     from .objectives import OBJECTIVES, objective_for, token_loss
-    from .scoring import TeacherScores
+    from .engines.base import TeacherScores
     from .student import StudentOutputs
     from .train import on_device
 
@@ -186,7 +186,7 @@ def sampling_speed_and_greedy_parity(ctx: Context) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .noise import noise_keys, row_uniforms, sample_with_uniforms
-    from .rollout import row_seeds, sample
+    from .engines.hf_rollout import row_seeds, sample
 
     V, B, T = (4096, 4, 16) if ctx.small else (151_936, 64, 128)
     torch.manual_seed(0)
@@ -357,8 +357,8 @@ def _phases(ctx: Context, student, teacher, *, B: int, T: int, P: int, k: int, V
     from .candidates import Candidates
     from .losses import aggregate
     from .objectives import objective_for, token_loss
-    from .rollout import HFRolloutEngine
-    from .scoring import HFTeacher
+    from .engines.hf_rollout import HFRolloutEngine
+    from .engines.hf_teacher import HFTeacher
     from .student import student_forward
     from .train import on_device
 
@@ -499,7 +499,7 @@ def eval_and_rollout_recipes(ctx: Context) -> dict:
 @check("tiny_pair_matches_cpu")
 def tiny_pair_matches_cpu(ctx: Context) -> dict:
     """HF rollouts, teacher scores and two training steps on the device against the same run on the CPU."""
-    from .rollout import sample
+    from .engines.hf_rollout import sample
 
     if not ctx.cuda:
         return {"skipped": "the device is the CPU"}

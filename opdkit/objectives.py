@@ -21,7 +21,7 @@ from .config import ObjectiveConfig
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
-    from .scoring import TeacherScores
+    from .engines.base import TeacherScores
     from .student import StudentOutputs
 
 

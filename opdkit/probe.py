@@ -43,9 +43,10 @@ from .distributed import pad_cat
 from .evaluation import decode_responses
 from .models import (DTYPES, TokenizerMismatchError, check_tokenizers, eos_token_ids, freeze, load_causal_lm,
                      load_tokenizer, model_vocab_size, resolve_model_path)
-from .rollout import HFRolloutEngine, Rollout, row_seeds, sample
-from .scoring import HFTeacher, TeacherScores
 from .candidates import Candidates
+from .engines.base import Rollout, TeacherScores
+from .engines.hf_rollout import HFRolloutEngine, row_seeds, sample
+from .engines.hf_teacher import HFTeacher
 from .objectives import ReverseKL
 from .student import TeacherLogits, student_forward
 from .tracking import console

@@ -17,7 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .candidates import Candidates
-from .scoring import decoder_and_head, final_logit_softcap, response_hidden_states, scatter_rows
+from .lm import HeadProjection, response_hidden_states, scatter_rows
 
 if TYPE_CHECKING:
     from .objectives import Objective
@@ -46,31 +46,10 @@ class TeacherLogits:
     head: Callable[[torch.Tensor], torch.Tensor]
 
 
-class StudentHead:
-    """Logits of the student's vocabulary projection, on the shared vocabulary, in ``dtype``."""
-
-    def __init__(self, model, vocab_size: int, dtype: torch.dtype | None):
-        _, self.head = decoder_and_head(model)
-        self.vocab_size, self.dtype = vocab_size, dtype
-        self.softcap = final_logit_softcap(model)
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.head.weight[:self.vocab_size]
-        bias = None if getattr(self.head, "bias", None) is None else self.head.bias[:self.vocab_size]
-        if self.dtype is not None:
-            hidden, weight = hidden.to(self.dtype), weight.to(self.dtype)
-            bias = None if bias is None else bias.to(self.dtype)
-        with torch.autocast(hidden.device.type, enabled=False):
-            logits = torch.nn.functional.linear(hidden, weight, bias)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
-
-
-def _chunk_outputs(head: StudentHead, temperature: float, objective: Objective | None, teacher_head: Callable | None,
+def _chunk_outputs(head: HeadProjection, objective: Objective | None, teacher_head: Callable | None,
                    hidden: torch.Tensor, sampled: torch.Tensor, at_ids: torch.Tensor | None,
                    teacher_hidden: torch.Tensor | None):
-    logits = head(hidden) / temperature
+    logits = head(hidden)  # at the sampling temperature
     logp = torch.log_softmax(logits, -1)
     logp_sampled = logp.gather(-1, sampled[:, None]).squeeze(-1)
     logp_at = logp.gather(-1, at_ids) if at_ids is not None else logp_sampled.new_zeros(0)
@@ -137,13 +116,13 @@ def local_student_forward(model, prompt_ids: list[list[int]], response_ids: torc
     flat_at = None if at_ids is None else at_ids.to(device)[mask]
     flat_th = None if objective is None else teacher.hidden.to(device)[mask]
     teacher_head = None if objective is None else teacher.head
-    head = StudentHead(model, vocab_size, head_dtype)
+    head = HeadProjection(model, vocab_size, temperature, head_dtype, trainable=True)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, flat_h.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         args = (flat_h[sl], flat_tok[sl], None if flat_at is None else flat_at[sl],
                 None if flat_th is None else flat_th[sl])
-        fn = lambda *a: _chunk_outputs(head, temperature, objective, teacher_head, *a)  # noqa: E731
+        fn = lambda *a: _chunk_outputs(head, objective, teacher_head, *a)  # noqa: E731
         if torch.is_grad_enabled():
             parts.append(checkpoint(fn, *args, use_reentrant=False))
         else:

@@ -33,10 +33,9 @@ from .loop import LoopSettings, TrainingDiverged, TrainingLoop, apply_update, pr
 from .candidates import Candidates
 from .objectives import check_teacher_supports, objective_for, token_loss
 from .packing import enable_varlen_attention
-from .models import DTYPES, check_tokenizers, eos_token_ids, freeze, load_causal_lm, load_tokenizer, \
-    model_vocab_size, resolve_model_path
-from .rollout import Rollout
-from .scoring import TeacherScores
+from .models import DTYPES, eos_token_ids, load_causal_lm, load_teacher, load_tokenizer, model_vocab_size, \
+    resolve_model_path
+from .engines.base import Rollout, TeacherScores
 from .student import TeacherLogits, student_forward
 from .tracking import console
 from .hardware import configure_threads
@@ -176,12 +175,30 @@ class Distiller:
             s_path = resolve_model_path(cfg.student.path)
             tokenizer = load_tokenizer(s_path)
             student = load_causal_lm(s_path, cfg.student.param_dtype)
-        if teacher_model is None and cfg.uses_teacher and cfg.teacher.engine == "hf" and not cfg.teacher.route:
-            t_path = resolve_model_path(cfg.teacher.path)
-            teacher_tokenizer = load_tokenizer(t_path)
-            teacher_model = load_causal_lm(t_path, cfg.teacher.dtype)
         self.tokenizer = tokenizer
         self.teacher_tokenizer = teacher_tokenizer or tokenizer
+        self.teacher_model = None
+        if teacher_model is not None or (cfg.uses_teacher and cfg.teacher.engine == "hf" and not cfg.teacher.route):
+            self.teacher_model, self.teacher_tokenizer, vocab = load_teacher(
+                cfg.teacher.path, cfg.teacher.dtype, self.teacher_device, student_tokenizer=tokenizer,
+                student_vocab=model_vocab_size(student), student_name=cfg.student.path,
+                teacher_name=cfg.teacher.path, model=teacher_model, tokenizer=teacher_tokenizer)
+            self.vocab_size = vocab.shared_vocab_size
+        elif cfg.uses_teacher:  # vLLM, served or routed teachers: checked without loading them here
+            from .engines import shared_vocab_size
+
+            self.vocab_size = shared_vocab_size(cfg, tokenizer, model_vocab_size(student))
+            if cfg.teacher.engine == "vllm" and not cfg.teacher.route and teacher_tokenizer is None:
+                self.teacher_tokenizer = load_tokenizer(resolve_model_path(cfg.teacher.path))
+        else:
+            self.vocab_size = model_vocab_size(student)
+        self.student = self._prepare_student(student)
+        self.eos_ids = eos_token_ids(tokenizer, self.student)
+        self.pad_id = tokenizer.pad_token_id
+
+    def _prepare_student(self, student):
+        """The student on its device, with LoRA, gradient checkpointing, packing and sharding as configured."""
+        cfg = self.cfg
         student.to(self.student_device)
         if cfg.student.lora_rank:
             from .lora import apply_lora
@@ -193,26 +210,7 @@ class Distiller:
         self.student_packed = cfg.student.packed and enable_varlen_attention(student)
         student.train()
         self.sharded = cfg.distributed.strategy == "fsdp2"
-        if self.sharded:
-            student = self._shard(student)
-        self.student = student
-        self.teacher_model = teacher_model
-        if teacher_model is not None:
-            freeze(teacher_model)
-            teacher_model.to(self.teacher_device)
-            self.vocab = check_tokenizers(tokenizer, self.teacher_tokenizer, model_vocab_size(student),
-                                          model_vocab_size(teacher_model), cfg.student.path, cfg.teacher.path)
-            self.vocab_size = self.vocab.shared_vocab_size
-        elif cfg.uses_teacher:  # vLLM, served or routed teachers: checked without loading them here
-            from .engines import shared_vocab_size
-
-            self.vocab_size = shared_vocab_size(cfg, tokenizer, model_vocab_size(student))
-            if cfg.teacher.engine == "vllm" and not cfg.teacher.route and teacher_tokenizer is None:
-                self.teacher_tokenizer = load_tokenizer(resolve_model_path(cfg.teacher.path))
-        else:
-            self.vocab_size = model_vocab_size(student)
-        self.eos_ids = eos_token_ids(tokenizer, student)
-        self.pad_id = tokenizer.pad_token_id
+        return self._shard(student) if self.sharded else student
 
     def _shard(self, student):
         from . import fsdp
@@ -259,7 +257,7 @@ class Distiller:
 
         cfg = self.cfg
         if self.sharded:
-            from .fsdp import GatheredRolloutEngine
+            from .engines.hf_rollout import GatheredRolloutEngine
 
             self.engine = GatheredRolloutEngine(self._sampler_model, eos_ids=self.eos_ids, pad_id=self.pad_id,
                                                 vocab_size=self.vocab_size)
@@ -272,10 +270,9 @@ class Distiller:
         if cfg.uses_teacher:
             self.teacher = build_teacher(cfg, self.teacher_model, vocab_size=self.vocab_size, pad_id=self.pad_id,
                                          tokenizer=self.tokenizer, student_vocab=model_vocab_size(self.student))
-            if hasattr(self.teacher, "check_sources"):  # routed teachers: every row must have one, before step 1
-                for name, examples in ((cfg.data.train, self.train_set), (cfg.data.eval or cfg.data.train,
-                                                                           self.eval_set)):
-                    self.teacher.check_sources([ex.source for ex in examples], [ex.index for ex in examples], name)
+            # routed teachers: every row must have one, before step 1
+            for name, examples in ((cfg.data.train, self.train_set), (cfg.data.eval or cfg.data.train, self.eval_set)):
+                self.teacher.check_sources([ex.source for ex in examples], [ex.index for ex in examples], name)
             check_teacher_supports(cfg.objective, self.teacher.capabilities,
                                    "teacher.route" if cfg.teacher.route else cfg.teacher.engine)
             if cfg.objective.prune != "none" and "topk" not in self.teacher.capabilities:
@@ -426,7 +423,7 @@ class Distiller:
         optim_metrics = dict(optim_metrics)
         if not optim_metrics["optim/skipped"]:
             self.engine.sync_weights(self.student)
-            sync = getattr(self.engine, "last_sync", None)  # engines that check their weight sync report it
+            sync = self.engine.last_sync  # engines that check their weight sync report it
             if sync:
                 optim_metrics["time/weight_sync"] = sync["push_seconds"] + sync["check_seconds"]
                 optim_metrics["rollout/sync_probe_diff"] = sync["probe_mean_abs_diff"]
@@ -512,9 +509,8 @@ class Distiller:
             # k1 estimate of the per-token reverse KL on the student's own samples (unbiased for any objective)
             out["opd/reverse_kl"] = float(kl_token.sum() / n)
             out["opd/teacher_logp"] = float((b.scores.sampled_logp * mask).sum() / n)
-            if hasattr(self.teacher, "metrics"):  # per-teacher token share and reverse KL
-                sources = [self.train_set[i].source for i in b.rollout.example_index]
-                out.update(self.teacher.metrics(sources, mask, b.student_logp_sampled, b.scores.sampled_logp))
+            sources = [self.train_set[i].source for i in b.rollout.example_index]
+            out.update(self.teacher.metrics(sources, mask, b.student_logp_sampled, b.scores.sampled_logp))
         out.update({
             "rollout/len_mean": float(lengths.mean()),
             "rollout/len_max": float(lengths.max()),

@@ -13,7 +13,8 @@ from opdkit.config import ConfigError, DistillConfig, ObjectiveConfig, load_conf
 from opdkit.candidates import Candidates
 from opdkit.objectives import OBJECTIVES, objective_for, token_loss
 from opdkit.noise import noise_keys, row_uniforms, sample_with_uniforms
-from opdkit.scoring import HFTeacher, TeacherScores
+from opdkit.engines.hf_teacher import HFTeacher
+from opdkit.engines.base import TeacherScores
 from opdkit.student import StudentOutputs
 from opdkit.tiny import tiny_llama
 from opdkit.train import on_device, rank_devices
@@ -267,7 +268,7 @@ def test_lora_sampling_copy_is_built_in_the_sampling_dtype_and_merged(tokenizer)
 
     from opdkit.config import StudentConfig
     from opdkit.lora import apply_lora
-    from opdkit.rollout import HFRolloutEngine
+    from opdkit.engines.hf_rollout import HFRolloutEngine
 
     student = apply_lora(tiny_llama(len(tokenizer), seed=0), StudentConfig(lora_rank=4), seed=0)
     with torch.no_grad():

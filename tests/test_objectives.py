@@ -89,6 +89,32 @@ def test_candidate_mask_selects_named_set(strategy, expected):
     assert len(ids) == len(expected)  # duplicates (3 in union) are masked, never counted twice
 
 
+
+def test_candidates_name_the_halves_of_the_layout():
+    s_ids, t_ids = torch.tensor([[[1, 2, 3]]]), torch.tensor([[[3, 4, 5]]])
+    c = Candidates(s_ids, t_ids)
+    assert c.ids.tolist() == [[[1, 2, 3, 3, 4, 5]]] and c.k == 3
+    assert torch.equal(c.student(c.ids), s_ids) and torch.equal(c.teacher(c.ids), t_ids)
+    values = torch.arange(6.0).view(1, 1, 6)
+    assert torch.equal(Candidates.join(c.student(values), c.teacher(values)), values)
+    assert torch.equal(c.mask("union"), candidate_mask("union", s_ids, t_ids))
+    alone = Candidates.of(s_ids, None)  # a teacher without top-k: the layout is S^p alone
+    assert torch.equal(alone.ids, s_ids) and alone.teacher(alone.ids).numel() == 0
+    assert Candidates.of(None, t_ids) is None
+
+
+def test_each_objective_declares_what_it_reads():
+    from opdkit.objectives import OBJECTIVES, objective_for
+
+    sets = {name: objective_for(ObjectiveConfig(name=name, strategy="union")).candidate_set() for name in OBJECTIVES}
+    assert sets == {"sampled": None, "topk": "union", "reverse_kl": None, "forward_kl": None, "jsd": None,
+                    "teacher_topk_forward_kl": "teacher"}
+    assert objective_for(ObjectiveConfig(name="sampled", baseline="vopd")).candidate_set() == "student"
+    assert {n for n in OBJECTIVES if OBJECTIVES[n]().full_vocab} == {"reverse_kl", "forward_kl", "jsd"}
+    with pytest.raises(NotImplementedError, match="topk has no full-vocabulary loss"):
+        objective_for(ObjectiveConfig(name="topk")).chunk_loss(torch.zeros(1, 3), torch.zeros(1, 3))
+
+
 def _random_logits(shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g) * 2
@@ -110,7 +136,7 @@ ALL_CONFIGS = [
 @pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=lambda c: f"{c.strategy}-{c.weighting}-{c.form}")
 def test_student_equals_teacher_gives_zero_loss_and_gradient(cfg):
     from opdkit.objectives import objective_for
-    from opdkit.scoring import TeacherScores
+    from opdkit.engines.base import TeacherScores
     from opdkit.student import StudentOutputs
 
     V, k = 11, 4
@@ -135,7 +161,7 @@ def test_student_equals_teacher_gives_zero_loss_and_gradient(cfg):
 @pytest.mark.parametrize("name", ["sampled", "reverse_kl", "forward_kl", "jsd", "teacher_topk_forward_kl"])
 def test_other_objectives_zero_at_equality(name):
     from opdkit.objectives import objective_for
-    from opdkit.scoring import TeacherScores
+    from opdkit.engines.base import TeacherScores
     from opdkit.student import StudentOutputs
 
     V, k = 9, 3

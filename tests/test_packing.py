@@ -5,7 +5,7 @@ import torch
 from opdkit.candidates import Candidates
 from opdkit.objectives import ReverseKL
 from opdkit.packing import enable_varlen_attention, pack_rows
-from opdkit.scoring import HFTeacher
+from opdkit.engines.hf_teacher import HFTeacher
 from opdkit.student import TeacherLogits, student_forward
 from opdkit.tiny import tiny_llama
 

@@ -5,9 +5,10 @@ import torch
 
 from opdkit import losses as obj
 from opdkit.candidates import Candidates
+from opdkit.engines.hf_rollout import sample
+from opdkit.engines.hf_teacher import HFTeacher
+from opdkit.lm import HeadProjection, left_pad
 from opdkit.objectives import ReverseKL
-from opdkit.rollout import left_pad, sample
-from opdkit.scoring import HFTeacher
 from opdkit.student import TeacherLogits, student_forward
 from opdkit.tiny import tiny_llama
 
@@ -91,6 +92,21 @@ def test_student_forward_matches_direct_and_chunked_gradients_agree(pair, batch)
         expected_kl = obj.reverse_kl(direct_logits(student, prompts, resp), t_logits)
     torch.testing.assert_close(out.full_loss[m].detach(), expected_kl[m], rtol=1e-4, atol=1e-4)
     assert (out.full_loss[~m] == 0).all()
+
+
+def test_one_head_projection_serves_student_and_teacher(pair):
+    student, _, V = pair
+    hidden = torch.randn(5, student.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    frozen = HeadProjection(student, V - 3, temperature=0.7)
+    live = HeadProjection(student, V - 3, temperature=0.7, trainable=True)
+    expected = student.lm_head(hidden)[:, :V - 3].float() / 0.7
+    torch.testing.assert_close(frozen(hidden), expected.detach())
+    student.zero_grad(set_to_none=True)
+    out = live(hidden)
+    torch.testing.assert_close(out.detach(), expected.detach())
+    out.sum().backward()  # the student's reaches the live weight; the teacher's holds a detached copy
+    assert student.lm_head.weight.grad is not None and not frozen.weight.requires_grad
+    student.zero_grad(set_to_none=True)
 
 
 def test_student_forward_all_masked_batch_has_zero_connected_loss(pair, batch):

@@ -10,8 +10,8 @@ from opdkit import losses as obj
 from opdkit.candidates import candidate_mask
 from opdkit.config import ConfigError, DistillConfig, load_config
 from opdkit.drift import NO_DRIFT, DriftStop, drift_points, prune_weights, rollout_drift
-from opdkit.rollout import row_seeds, sample
-from opdkit.scoring import HFTeacher
+from opdkit.engines.hf_rollout import row_seeds, sample
+from opdkit.engines.hf_teacher import HFTeacher
 
 L = math.log
 
@@ -159,7 +159,7 @@ def test_drift_points_and_weights_by_hand():
 def test_downweight_scales_the_opd_token_loss():
     from opdkit.config import ObjectiveConfig
     from opdkit.objectives import objective_for, token_loss
-    from opdkit.scoring import TeacherScores
+    from opdkit.engines.base import TeacherScores
     from opdkit.student import StudentOutputs
 
     s = StudentOutputs(torch.log(torch.tensor([[0.5, 0.2, 0.4]])), None, torch.zeros(1, 3))
@@ -211,7 +211,7 @@ def test_early_stop_cuts_rows_where_offline_truncation_would(pair, threshold, W)
     student, teacher_model, prompts = pair
     teacher = HFTeacher(teacher_model, vocab_size=student.config.vocab_size, pad_id=2)
     k, T = 8, 24
-    from opdkit.rollout import Rollout
+    from opdkit.engines.base import Rollout
 
     # offline: the full rollout, scored, then cut at its drift points
     resp, mask, _, top, _ = _rollout(student, prompts, 2, T=T, k=k, min_new=T)

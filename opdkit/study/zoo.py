@@ -246,7 +246,7 @@ def _link_final(src: Path, dst: Path) -> None:
 @torch.no_grad()
 def accuracy(model_dir: Path, prompts: Path, threads: int = 1, max_new_tokens: int = 32) -> float:
     """Greedy accuracy of a zoo model on a prompt file (opdkit.evaluation, answers graded by opdkit.answers)."""
-    from ..rollout import HFRolloutEngine
+    from ..engines.hf_rollout import HFRolloutEngine
 
     torch.set_num_threads(threads)
     tok = load_tokenizer(model_dir)
