@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointMismatch
+from .lm import is_peft
 
 CHECKPOINTS = "checkpoints"
 
@@ -40,15 +41,13 @@ def set_rng_state(state: dict) -> None:
 
 def save_model(model, tokenizer, out: Path) -> None:
     """Save an ordinary HF model directory (LoRA adapters are merged so any tool can load it)."""
-    from .rollout import _unwrap_peft
-
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "get_base_model"):
+    if is_peft(model):
         from .lora import save_merged
 
         save_merged(model, out)
     else:
-        _unwrap_peft(model).save_pretrained(out)
+        model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
 
@@ -61,7 +60,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
         save_model(model, tokenizer, tmp / "model")
-        if hasattr(model, "get_base_model"):  # also keep the adapter weights themselves for exact resume
+        if is_peft(model):  # also keep the adapter weights themselves for exact resume
             from .lora import adapter_state_dict
 
             torch.save(adapter_state_dict(model), tmp / "adapter_state.pt")
@@ -105,7 +104,7 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
                            f"distributed.strategy=ddp, or start the fsdp2 run from its model directory "
                            f"{path / 'model'}")
 
-    if hasattr(model, "get_base_model"):
+    if is_peft(model):
         from .lora import load_adapter_state
 
         load_adapter_state(model, torch.load(path / "adapter_state.pt", map_location="cpu", weights_only=False))

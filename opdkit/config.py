@@ -355,8 +355,6 @@ class DistillConfig:
         _nonnegative(self, ["teacher.max_retries", "rollout.vllm_sync_tolerance", "rollout.vllm_kv_cache_gib",
                             "teacher.vllm_kv_cache_gib"])
         if self.teacher.route:
-            from .engines.routing import route_teacher_configs
-
             teachers = list(route_teacher_configs(self).values())  # raises ConfigError on a bad entry
             if self.teacher.chat_template != "student":
                 raise ConfigError("teacher.route needs teacher.chat_template=student (routed teachers read the "
@@ -373,6 +371,33 @@ class DistillConfig:
                     f"teacher.temperature={t.temperature} with teacher.engine={t.engine}: the engine returns "
                     f"log-probs of the untempered teacher for its top-k ids only, which cannot be re-normalised at "
                     f"another temperature; use teacher.temperature=1.0 or teacher.engine=hf")
+
+
+def route_teacher_configs(cfg) -> dict[str, TeacherConfig]:
+    """The teacher config of every route: the shared ``teacher.*`` fields updated by the route's entry."""
+    from .hardware import resolve_config  # hardware reads configs: imported here, when a config is checked
+
+    shared = dataclasses.asdict(cfg.teacher)
+    shared["route"] = {}
+    out = {}
+    for value, spec in cfg.teacher.route.items():
+        key = f"teacher.route.{value}"
+        if isinstance(spec, str):
+            fields = {**shared, "path": spec}
+        elif isinstance(spec, dict):
+            if "route" in spec:
+                raise ConfigError(f"{key}: a routed teacher cannot route again")
+            fields = {**shared, **spec}
+        else:
+            raise ConfigError(f"{key} must be a teacher path or a mapping of teacher fields, got {spec!r}")
+        t = from_dict(TeacherConfig, fields, prefix=key + ".")
+        resolve_config(t)  # a route may set its own dtype, auto included
+        if t.engine == "server" and not t.url:
+            raise ConfigError(f"{key}: engine server needs url, e.g. {{engine: server, url: http://host:8000/v1}}")
+        if t.engine != "server" and not t.path:
+            raise ConfigError(f"{key}: a teacher path is required")
+        out[str(value)] = t
+    return out
 
 
 def _check_device(key: str, value: str) -> None:

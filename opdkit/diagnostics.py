@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .objectives import NEG_INF, _member, masked_log_softmax
+from .candidates import member
+from .losses import NEG_INF, masked_log_softmax
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -28,7 +29,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 def overlap_membership(student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
     """(B, T, k) bool: slot i of S^p_t is also in S^q_t. Its row sum is |S^p_t ∩ S^q_t|."""
-    return _member(student_ids, teacher_ids)
+    return member(student_ids, teacher_ids)
 
 
 def overlap_ratio(in_both: torch.Tensor, k: int) -> torch.Tensor:
@@ -189,7 +190,8 @@ def windowed_diagnostics(per_pos: dict, mask: torch.Tensor, bins: dict[str, tupl
 
 def step_diagnostics(batch, *, k: int, max_new_tokens: int | None = None,
                      span: int | None = None) -> dict[str, float]:
-    """All ``diag/*`` metrics of one step from its detached ``StepBatch`` (no extra forward pass)."""
+    """All ``diag/*`` metrics of one step from its detached ``StepBatch`` (no extra forward pass): the
+    candidates' student half S^p_t carries the student's and the teacher's log-probs the §4 diagnostics read."""
     rollout, scores = batch.rollout, batch.scores
     mask = rollout.response_mask
     out: dict[str, float] = {}
@@ -197,20 +199,21 @@ def step_diagnostics(batch, *, k: int, max_new_tokens: int | None = None,
     out["diag/seq_reward_mean"] = float(seq_reward.mean())
     if batch.rewards is not None:
         out["diag/reward_auroc"] = auroc(seq_reward, batch.rewards > 0.5)
-    have_topk = (k and rollout.topk_ids is not None and scores.topk_ids is not None
-                 and scores.logp_at_student_topk is not None and batch.student_logp_at is not None
+    candidates = batch.candidates  # S^p from the rollout, S^q from the teacher
+    if not (k and candidates is not None and candidates.teacher_ids is not None):
+        return out
+    have_logp = (scores.logp_at_student_topk is not None and batch.student_logp_at is not None
                  and scores.entropy is not None)
-    if not have_topk:
-        if k and rollout.topk_ids is not None and scores.topk_ids is not None:
-            # A served teacher returns its top-k but no log-probs at the student's ids: Eq. 6 needs only the ids.
-            ratio = overlap_ratio(overlap_membership(rollout.topk_ids, scores.topk_ids), k)
-            out["diag/overlap_ratio"] = masked_mean(ratio, mask)
+    if not have_logp:
+        # A served teacher returns its top-k but no log-probs at the student's ids: Eq. 6 needs only the ids.
+        ratio = overlap_ratio(overlap_membership(candidates.student_ids, candidates.teacher_ids), k)
+        out["diag/overlap_ratio"] = masked_mean(ratio, mask)
         return out
     per_pos, means = topk_diagnostics(
-        student_ids=rollout.topk_ids, teacher_ids=scores.topk_ids, student_logp_S=batch.student_logp_at[..., :k],
-        teacher_logp_S=scores.logp_at_student_topk, entropy_student=batch.student_entropy,
-        entropy_teacher=scores.entropy, student_logp_sampled=batch.student_logp_sampled,
-        teacher_logp_sampled=scores.sampled_logp, mask=mask, k=k)
+        student_ids=candidates.student_ids, teacher_ids=candidates.teacher_ids,
+        student_logp_S=candidates.student(batch.student_logp_at), teacher_logp_S=scores.logp_at_student_topk,
+        entropy_student=batch.student_entropy, entropy_teacher=scores.entropy,
+        student_logp_sampled=batch.student_logp_sampled, teacher_logp_sampled=scores.sampled_logp, mask=mask, k=k)
     out.update(means)
     max_len = max_new_tokens or mask.shape[1]
     bins = position_bins(mask.shape[1], max_len, span or max(1, max_len // 8))

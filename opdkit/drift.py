@@ -22,8 +22,10 @@ import time
 import torch
 
 from .diagnostics import overlap_membership, overlap_ratio
-from .rollout import Rollout, left_pad, response_mask_from_eos
-from .scoring import TeacherScores, decoder_and_head, reduce_logits
+from .engines.base import Rollout, TeacherScores
+from .engines.hf_rollout import response_mask_from_eos
+from .engines.hf_teacher import reduce_logits
+from .lm import decoder_and_head, left_pad
 
 NO_DRIFT = -1
 

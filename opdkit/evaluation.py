@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from . import objectives as obj
 from .answers import has_final_answer, score_response
-from .student import student_forward
+from .objectives import ReverseKL
+from .student import TeacherLogits, student_forward
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, mask: torch.Tensor,
@@ -40,8 +40,8 @@ def evaluate(*, student, engine, teacher, tokenizer, examples, teacher_prompts, 
                                        ro.response_mask, k=0, keep_hidden=True)
                 row_kl = student_forward(student, prompts, ro.response_ids, ro.response_mask, pad_id=pad_id,
                                          vocab_size=vocab_size, chunk_size=chunk_size, compute_dtype=None,
-                                         head_dtype=torch.float32, full_fn=obj.reverse_kl,
-                                         teacher_hidden=scores.hidden, teacher_head=teacher.head_logits).full_loss
+                                         head_dtype=torch.float32, objective=ReverseKL(),
+                                         teacher=TeacherLogits(scores.hidden, teacher.head_logits)).full_loss
                 kl_sum += float(row_kl[ro.response_mask].sum())
             tokens += int(ro.response_mask.sum())
             texts = decode_responses(tokenizer, ro.response_ids, ro.response_mask)
@@ -76,7 +76,7 @@ def reference_responses(model, prompts: list[list[int]], answers: list[str | Non
     Returns a dict with ``response_ids`` (B, T), ``response_mask`` (B, T), ``texts``, and ``accuracy``,
     ``answered`` (fraction with an explicit final answer) and ``len_mean`` over the B prompts.
     """
-    from .rollout import sample
+    from .engines.hf_rollout import sample
 
     was_training = model.training
     model.eval()
@@ -122,8 +122,8 @@ def reference_reverse_kl(*, student, teacher, prompts: list[list[int]], teacher_
             scores = teacher.score(teacher_prompts[sl], ids, mask, k=0, keep_hidden=True)
             row_kl = student_forward(student, prompts[sl], ids, mask, pad_id=pad_id, vocab_size=vocab_size,
                                      chunk_size=chunk_size, compute_dtype=None, head_dtype=torch.float32,
-                                     full_fn=obj.reverse_kl, teacher_hidden=scores.hidden,
-                                     teacher_head=teacher.head_logits).full_loss
+                                     objective=ReverseKL(),
+                                     teacher=TeacherLogits(scores.hidden, teacher.head_logits)).full_loss
             kl_sum += float(row_kl[mask].sum())
             tokens += int(mask.sum())
     finally:

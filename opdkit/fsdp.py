@@ -52,7 +52,7 @@ def ensure_process_group(device: str) -> DistInfo:
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    from .scoring import decoder_and_head
+    from .lm import decoder_and_head
 
     decoder, _ = decoder_and_head(model)
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
@@ -141,30 +141,6 @@ def rollout_copy(student, sampling_dtype: torch.dtype):
     plain = copy.deepcopy(student).to(sampling_dtype)
     plain.requires_grad_(False)
     return plain
-
-
-class GatheredRolloutEngine:
-    """The HF sampler on a full copy of the student, refreshed from the shards after each optimizer step.
-
-    Sampling then needs no collectives, so ranks may stop decoding at different lengths.
-    """
-
-    def __init__(self, plain, *, eos_ids: list[int], pad_id: int, vocab_size: int | None):
-        from .rollout import HFRolloutEngine
-
-        self.inner = HFRolloutEngine(plain, eos_ids=eos_ids, pad_id=pad_id,
-                                     sampling_dtype=next(plain.parameters()).dtype, vocab_size=vocab_size)
-        self.model = self.inner.model
-
-    @torch.no_grad()
-    def sync_weights(self, student) -> None:
-        target = dict(self.model.named_parameters())
-        for name, param in student.named_parameters():
-            full = param.full_tensor() if hasattr(param, "full_tensor") else param
-            target[name].copy_(full)
-
-    def generate(self, *args, **kwargs):
-        return self.inner.generate(*args, **kwargs)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
@@ -269,6 +245,7 @@ def check_fsdp2_single_gpu(device: str = "cuda", steps: int = 3, seed: int = 0) 
     """
     import time
 
+    from .candidates import Candidates
     from .student import student_forward
     from .tiny import tiny_llama
 
@@ -286,13 +263,13 @@ def check_fsdp2_single_gpu(device: str = "cuda", steps: int = 3, seed: int = 0) 
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 7:] = False
     mask[3, 4:] = False
-    at_ids = torch.randint(0, vocab, (B, T, 5), generator=gen)
+    candidates = Candidates(torch.randint(0, vocab, (B, T, 5), generator=gen))
 
     def train(model) -> tuple[list[float], dict[str, torch.Tensor]]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4)
         losses = []
         for _ in range(steps):
-            out = student_forward(model, prompts, response, mask, pad_id=2, vocab_size=vocab, at_ids=at_ids,
+            out = student_forward(model, prompts, response, mask, pad_id=2, vocab_size=vocab, candidates=candidates,
                                   chunk_size=7, compute_dtype=torch.float32, head_dtype=torch.float32)
             m = mask.to(out.logp_sampled.device)
             loss = -((out.logp_sampled + 0.1 * out.logp_at.mean(-1)) * m).sum() / m.sum()

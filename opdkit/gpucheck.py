@@ -110,9 +110,9 @@ def _cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subpro
 @check("token_loss_every_objective")
 def token_loss_every_objective(ctx: Context) -> dict:
     from .config import ObjectiveConfig
-    from .loss import OBJECTIVES, token_loss
-    from .objectives import candidate_mask
-    from .scoring import TeacherScores
+    from .candidates import Candidates
+    from .objectives import OBJECTIVES, objective_for, token_loss
+    from .engines.base import TeacherScores
     from .student import StudentOutputs
     from .train import on_device
 
@@ -128,12 +128,12 @@ def token_loss_every_objective(ctx: Context) -> dict:
         for strategy in (["union", "intersection", "student", "teacher", "symmetric_difference"]
                          if name == "topk" else ["union"]):
             cfg = ObjectiveConfig(name=name, strategy=strategy, outcome_weight=0.5)
-            valid = candidate_mask(strategy, s_top, t_top)
-            ref = token_loss(cfg, student, scores, valid, adv)
+            objective = objective_for(cfg)
+            ref = token_loss(objective, student, scores, Candidates(s_top, t_top), adv)
             dev_student = StudentOutputs(*(t.to(ctx.device) for t in (student.logp_sampled, student.logp_at,
                                                                         student.entropy, student.full_loss)))
-            sc, va, ad = on_device(ctx.device, scores, valid, adv)
-            got = token_loss(cfg, dev_student, sc, va, ad)
+            sc, s_dev, ad = on_device(ctx.device, scores, s_top, adv)
+            got = token_loss(objective, dev_student, sc, Candidates(s_dev, sc.topk_ids), ad)
             expect(got.device.type == ctx.device.type, f"{name}: loss on {got.device}")
             diff = float((got.cpu() - ref).abs().max())
             figures[f"{name}/{strategy}"] = diff
@@ -186,7 +186,7 @@ def sampling_speed_and_greedy_parity(ctx: Context) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .noise import noise_keys, row_uniforms, sample_with_uniforms
-    from .rollout import row_seeds, sample
+    from .engines.hf_rollout import row_seeds, sample
 
     V, B, T = (4096, 4, 16) if ctx.small else (151_936, 64, 128)
     torch.manual_seed(0)
@@ -354,10 +354,11 @@ def _phases(ctx: Context, student, teacher, *, B: int, T: int, P: int, k: int, V
     """One OPD step by hand (rollout of ``sample_tokens`` or random responses, scoring, loss, backward, AdamW),
     with seconds and CUDA peak memory per phase."""
     from .config import ObjectiveConfig
-    from .loss import token_loss
-    from .objectives import aggregate, candidate_mask
-    from .rollout import HFRolloutEngine
-    from .scoring import HFTeacher
+    from .candidates import Candidates
+    from .losses import aggregate
+    from .objectives import objective_for, token_loss
+    from .engines.hf_rollout import HFRolloutEngine
+    from .engines.hf_teacher import HFTeacher
     from .student import student_forward
     from .train import on_device
 
@@ -391,18 +392,17 @@ def _phases(ctx: Context, student, teacher, *, B: int, T: int, P: int, k: int, V
         s_top = torch.randint(0, V, (B, T, k), generator=g)
     teach = HFTeacher(teacher, vocab_size=V, pad_id=0, chunk_size=1024, batch_size=8)
     scores = phase("teacher", lambda: teach.score(prompts, resp, mask, k=k, student_topk_ids=s_top))
-    cfg = ObjectiveConfig(name="topk", k=k)
+    objective = objective_for(ObjectiveConfig(name="topk", k=k, strategy="union"))
 
     def train():
         sc, top = on_device(next(student.parameters()).device, scores, s_top)
-        at_ids = torch.cat([top, sc.topk_ids], -1)
-        valid = candidate_mask("union", top, sc.topk_ids)
+        candidates = Candidates(top, sc.topk_ids)
         n = float(mask.sum())
         for rows in torch.arange(B).split(max(1, B // 4)):
             out = student_forward(student, [prompts[i] for i in rows], resp[rows], mask[rows], pad_id=0,
-                                  vocab_size=V, at_ids=at_ids[rows], chunk_size=512,
+                                  vocab_size=V, candidates=candidates.select(rows), chunk_size=512,
                                   compute_dtype=torch.bfloat16)
-            loss = aggregate(token_loss(cfg, out, sc.select(rows), valid[rows]), mask[rows].to(out.logp_sampled.device),
+            loss = aggregate(token_loss(objective, out, sc.select(rows), candidates.select(rows)), mask[rows].to(out.logp_sampled.device),
                              "token_mean", n, float(B))
             loss.backward()
         return float(loss.detach())
@@ -499,7 +499,7 @@ def eval_and_rollout_recipes(ctx: Context) -> dict:
 @check("tiny_pair_matches_cpu")
 def tiny_pair_matches_cpu(ctx: Context) -> dict:
     """HF rollouts, teacher scores and two training steps on the device against the same run on the CPU."""
-    from .rollout import sample
+    from .engines.hf_rollout import sample
 
     if not ctx.cuda:
         return {"skipped": "the device is the CPU"}

@@ -202,3 +202,20 @@ def freeze(model) -> None:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def load_teacher(path, dtype: str, device, *, student_tokenizer, student_vocab: int, student_name: str,
+                 teacher_name: str, model=None, tokenizer=None):
+    """A frozen teacher on ``device``, loaded from ``path`` unless ``model`` is given, with its ids checked
+    against the student's. Returns the model, its tokenizer (the student's for a given model without one) and
+    the ``VocabCheck``."""
+    if model is None:
+        resolved = resolve_model_path(path)
+        tokenizer = load_tokenizer(resolved)
+        model = load_causal_lm(resolved, dtype)
+    tokenizer = tokenizer or student_tokenizer
+    freeze(model)
+    model.to(device)
+    check = check_tokenizers(student_tokenizer, tokenizer, student_vocab, model_vocab_size(model), student_name,
+                             teacher_name)
+    return model, tokenizer, check

@@ -1,335 +1,220 @@
-"""OPD objectives as pure tensor functions.
+"""The OPD objectives, one object each, in one registry: ``OBJECTIVES[objective.name]``.
 
-Notation (paper §1): at response position t of a student rollout, p_t = π_θ(·|x, ŷ_<t) is the student and
-q_t = π_T(·|x, ŷ_<t) the teacher, both evaluated on the *student's* prefix. Shapes: B sequences, T response
-positions, C candidate slots per position, N flattened positions, V vocabulary.
-
-Two families:
-
-* **Gathered** objectives see log-probs at a few ids per position (the sampled token, or a top-k candidate
-  set). They cost O(B·T·C) and are what OPD normally uses: ``sampled_token_pg`` (Eq. 3), ``topk_pg`` (the
-  reference code's policy-gradient form) and ``topk_kl`` (the paper's renormalised KL(p̄‖q̄), Eq. 5).
-* **Full-vocabulary** objectives see logits chunks (N, V): ``reverse_kl`` (Eq. 4), ``forward_kl`` and the
-  generalised ``jsd`` of GKD. The trainer calls them chunk by chunk, so (B, T, V) never exists.
-
-Every function returns a per-position loss; ``aggregate`` turns it into one scalar.
+An objective declares what it needs from the teacher engine (``requires``: capabilities, see
+``Teacher.capabilities``), which candidate slots its loss reads (``candidate_set``: a ``candidates.STRATEGIES``
+name, or None), its per-chunk full-vocabulary divergence if it has one (``chunk_loss``, run inside the student
+forward against the teacher's logits) and its per-token loss (``token_loss``). The tensor maths lives in
+``opdkit.losses``; adding an objective is one class here and its name in ``OBJECTIVES`` (and in the config's
+``objective.name`` choices, which a test checks against this registry).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+import typing
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torch.nn.functional as F
 
-NEG_INF = float("-inf")
+from . import losses
+from .candidates import Candidates
+from .config import ObjectiveConfig
+from .errors import InvalidInput
 
-
-# --------------------------------------------------------------------------------------------------
-# Candidate sets for top-k OPD
-# --------------------------------------------------------------------------------------------------
-
-
-def _member(ids: torch.Tensor, of: torch.Tensor) -> torch.Tensor:
-    """ids (..., A), of (..., B) -> bool (..., A): ids[..., a] is in of[..., :]."""
-    return (ids.unsqueeze(-1) == of.unsqueeze(-2)).any(-1)
+if TYPE_CHECKING:
+    from .engines.base import TeacherScores
+    from .student import StudentOutputs
 
 
-def _ones(x: torch.Tensor) -> torch.Tensor:
-    return torch.ones_like(x, dtype=torch.bool)
-
-
-# Each strategy is a pair of slot masks (over S^p, over S^q), given s_in_t = [S^p_i ∈ S^q] and t_in_s = [S^q_j ∈ S^p].
-# In union a teacher id already in S^p is masked so that no token counts twice.
-STRATEGIES: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
-    "student": lambda s_in_t, t_in_s: (_ones(s_in_t), ~_ones(t_in_s)),
-    "teacher": lambda s_in_t, t_in_s: (~_ones(s_in_t), _ones(t_in_s)),
-    "intersection": lambda s_in_t, t_in_s: (s_in_t, ~_ones(t_in_s)),
-    "union": lambda s_in_t, t_in_s: (_ones(s_in_t), ~t_in_s),
-    "symmetric_difference": lambda s_in_t, t_in_s: (~s_in_t, ~t_in_s),
+CAPABILITY_WORDS = {
+    "sampled": "log-prob of the sampled token",
+    "topk": "top-k ids and log-probs",
+    "at_ids": "log-probs at the student's top-k ids",
+    "entropy": "entropy",
+    "hidden": "hidden states (its full-vocabulary distribution)",
 }
 
 
-def candidate_mask(strategy: str, student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
-    """Which candidate slots a top-k set strategy uses.
+class Objective:
+    """One OPD objective, configured by the ``objective.*`` section (``cfg``)."""
 
-    Candidates are laid out as 2k slots per position: [S^p_t ; S^q_t], the student's top-k ids followed by
-    the teacher's. Each strategy is a mask over that layout, so one gather serves every strategy.
+    name: ClassVar[str]
+    #: teacher capabilities the objective needs besides those of its candidate set
+    needs: ClassVar[frozenset[str]] = frozenset()
 
-    Args:
-        strategy: student | teacher | intersection | union | symmetric_difference.
-        student_ids, teacher_ids: (B, T, k).
-    Returns:
-        valid (B, T, 2k) bool.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown top-k strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    s_in_t, t_in_s = _member(student_ids, teacher_ids), _member(teacher_ids, student_ids)
-    on_student, on_teacher = STRATEGIES[strategy](s_in_t, t_in_s)
-    return torch.cat([on_student, on_teacher], dim=-1)
+    def __init__(self, cfg: ObjectiveConfig | None = None):
+        self.cfg = ObjectiveConfig(name=self.name) if cfg is None else cfg
 
+    def candidate_set(self) -> str | None:
+        """The candidate slots (a ``STRATEGIES`` name) the token loss reads; None: none of them."""
+        return None
 
-def masked_log_softmax(logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Renormalise log-probs over the valid slots: log p̄(v) = log p(v) − log Σ_{u valid} p(u).
+    def requires(self) -> set[str]:
+        """Teacher capabilities: the objective's own, plus the teacher's top-k for any candidate set and its
+        log-probs at the student's ids for a set that reads S^p_t."""
+        on_candidates = {None: set(), "teacher": {"topk"}}.get(self.candidate_set(), {"topk", "at_ids"})
+        return set(self.needs) | on_candidates
 
-    Invalid slots and positions with no valid slot get -inf (their probability is exactly 0).
-    """
-    masked = logp.masked_fill(~valid, NEG_INF)
-    lse = torch.logsumexp(masked, dim=-1, keepdim=True)
-    out = masked - lse
-    return out.masked_fill(~valid, NEG_INF)
+    @property
+    def full_vocab(self) -> bool:
+        """Whether the student forward computes ``chunk_loss`` (which needs the teacher's hidden states)."""
+        return False
 
+    def chunk_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary divergence on one chunk of logits, (N, V) each -> (N,)."""
+        raise NotImplementedError(f"objective {self.name} has no full-vocabulary loss")
 
-def _xlogx_ratio(log_a: torch.Tensor, log_b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Σ_valid a (log a − log b) with 0·(−inf) treated as 0. Shapes (..., C) -> (...)."""
-    a = log_a.exp()
-    term = a * (log_a - log_b)
-    return torch.where(valid & (a > 0), term, torch.zeros_like(term)).sum(-1)
+    def token_loss(self, student: StudentOutputs, teacher: TeacherScores, candidates: Candidates | None
+                   ) -> torch.Tensor:
+        """Per-token distillation loss (B, T) from the student forward and the teacher's scores."""
+        raise NotImplementedError
 
 
-# --------------------------------------------------------------------------------------------------
-# Gathered objectives
-# --------------------------------------------------------------------------------------------------
+class SampledToken(Objective):
+    """Sampled-token OPD (Eq. 3), optionally with vOPD's baseline read on the student's top-k."""
+
+    name = "sampled"
+    needs = frozenset({"sampled"})
+
+    def candidate_set(self) -> str | None:
+        return "student" if self.cfg.baseline == "vopd" else None
+
+    def token_loss(self, student, teacher, candidates):
+        baseline = None
+        if self.cfg.baseline == "vopd":
+            on_student = teacher.logp_at_student_topk
+            baseline = losses.vopd_baseline(candidates.student(student.logp_at), on_student,
+                                            torch.ones_like(on_student, dtype=torch.bool))
+        return losses.sampled_token_pg(student.logp_sampled, teacher.sampled_logp, baseline)[0]
 
 
-def candidate_weights(weighting: str, student_logp: torch.Tensor, teacher_logp: torch.Tensor,
-                      valid: torch.Tensor, renormalise: bool = True) -> torch.Tensor:
-    """Detached per-candidate weights w_t(v) of the policy-gradient form (reference code ``REWARD_WEIGHT_MODE``).
-
-    student_p: w = p̄ (student probabilities renormalised over the valid slots); teacher_p: w = q̄;
-    none: uniform 1/|valid|. With ``renormalise=False`` (the reference code's choice for the symmetric
-    difference) the raw probabilities p(v), q(v) or 1 are used. Shapes (B, T, C) -> (B, T, C); 0 on invalid slots.
-    """
-    if weighting == "student_p":
-        source = student_logp.detach()
-    elif weighting == "teacher_p":
-        source = teacher_logp.detach()
-    elif weighting == "none":
-        source = torch.zeros_like(student_logp, dtype=torch.float32)
-    else:
-        raise ValueError(f"unknown weighting {weighting!r}; choose student_p, teacher_p or none")
-    if renormalise:
-        w = masked_log_softmax(source.float(), valid).exp()
-    else:
-        w = source.float().exp()
-    return torch.where(valid, w, torch.zeros_like(w))
+def teacher_candidate_logp(scores: TeacherScores) -> torch.Tensor | None:
+    """Teacher log-probs on the [S^p ; S^q] layout, (B, T, 2k); S^p half is -inf if the engine lacks it."""
+    if scores.topk_logp is None:
+        return None
+    at_student = scores.logp_at_student_topk
+    if at_student is None:
+        at_student = torch.full_like(scores.topk_logp, float("-inf"))
+    return Candidates.join(at_student, scores.topk_logp)
 
 
-def policy_gradient_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, weights: torch.Tensor,
-                         valid: torch.Tensor, baseline: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """−Σ_v A_t(v) ρ_t(v) with the detached advantage A_t(v) = w_t(v) (log q_t(v) − log p_t(v) − b_t).
+class TopK(Objective):
+    """Top-k OPD on the ``objective.strategy`` set: the paper's KL(p̄‖q̄) (form kl) or the reference code's
+    policy gradient (form pg)."""
 
-    This is how the reference code trains OPD: a policy gradient whose reward is the teacher log-ratio, with
-    the on-policy ratio ρ = exp(log p − sg[log p]) ≡ 1 (one update per rollout). Its value is therefore
-    Σ_v w(v)(log p − log q)(v), the loss the paper plots, and its gradient is Σ_v w(v)(log p − log q)(v) ∇log p(v).
-    ``baseline`` b_t (B, T), detached, is the vOPD control variate (``vopd_baseline``); None means b_t = 0.
+    name = "topk"
 
-    Args: student_logp (B, T, C) with grad; teacher_logp (B, T, C); weights, valid (B, T, C).
-    Returns: loss (B, T) and the advantage (B, T, C) (0 on invalid slots).
-    """
-    logp = torch.where(valid, student_logp.float(), torch.zeros_like(student_logp, dtype=torch.float32))
-    log_ratio = torch.where(valid, teacher_logp.float() - logp.detach(), torch.zeros_like(logp))
-    if baseline is not None:
-        log_ratio = torch.where(valid, log_ratio - baseline.detach().float().unsqueeze(-1), log_ratio)
-    advantage = weights * log_ratio
-    ratio = torch.exp(logp - logp.detach())
-    return -(advantage * ratio).sum(-1), advantage
+    def candidate_set(self) -> str | None:
+        return self.cfg.strategy
 
-
-def sampled_token_pg(student_logp: torch.Tensor, teacher_logp: torch.Tensor, baseline: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled-token OPD (Eq. 3): advantage A_t = log q_t(ŷ_t) − log p_t(ŷ_t) − b_t, loss −A_t log p_t(ŷ_t).
-
-    E_{ŷ_t∼p_t}[log p_t(ŷ_t) − log q_t(ŷ_t)] = KL(p_t‖q_t), so the gradient is an unbiased single-sample estimate
-    of the reverse-KL gradient. A detached baseline b_t that depends only on the state (x, ŷ_<t) keeps it
-    unbiased, since E_{ŷ_t∼p_t}[b_t ∇log p_t(ŷ_t)] = b_t ∇Σ_v p_t(v) = 0; vOPD's b_t = −KL(p_t‖q_t) is the value of
-    that state and lowers the variance (``vopd_baseline``). Args: (B, T) each. Returns loss (B, T), advantage (B, T).
-    """
-    valid = torch.ones_like(student_logp, dtype=torch.bool).unsqueeze(-1)
-    loss, adv = policy_gradient_loss(student_logp.unsqueeze(-1), teacher_logp.unsqueeze(-1),
-                                     valid.float(), valid, baseline)
-    return loss, adv.squeeze(-1)
+    def token_loss(self, student, teacher, candidates):
+        cfg = self.cfg
+        valid = candidates.mask(cfg.strategy)
+        on_teacher = teacher_candidate_logp(teacher)
+        if cfg.form == "kl":
+            return losses.topk_kl(student.logp_at, on_teacher, valid)
+        # The reference code leaves the symmetric-difference weights unnormalised; we keep that for parity.
+        renormalise = cfg.strategy != "symmetric_difference"
+        return losses.topk_pg(student.logp_at, on_teacher, valid, cfg.weighting, renormalise,
+                              cfg.baseline == "vopd")[0]
 
 
-def topk_pg(student_logp: torch.Tensor, teacher_logp: torch.Tensor, valid: torch.Tensor, weighting: str,
-            renormalise: bool = True, baseline: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k OPD, reference-code form: policy gradient over the candidate set with weights ``weighting``.
+class TeacherTopKForwardKL(Objective):
+    """Forward KL on the teacher's top-k plus a tail bucket: what a served teacher's top-k allows."""
 
-    With the student's top-k and student_p weights the gradient is
-    Σ_{v∈S} p̄(v)(log p − log q)(v) ∇log p(v), the reverse KL gradient restricted to S (paper §1 [I]).
+    name = "teacher_topk_forward_kl"
 
-    ``baseline=True`` subtracts the vOPD baseline with the same weights, b_t = Σ_v w̄(v)(log q − log p)(v)
-    (w̄ = w / Σ_valid w; for student_p this is −KL(p̄_t‖·) on S, the top-k approximation of −KL(p_t‖q_t)). Here no
-    token is sampled at t, so b_t is not a zero-mean control variate: it removes exactly the component
-    b_t ∇log W(S) that moves the set's total mass. With student_p weights the result is the gradient of Eq. 5,
-    KL(p̄‖q̄) (tested), which is why the baseline stops the PG form from draining mass into the tail.
-    Args: (B, T, C) each. Returns loss (B, T), advantage (B, T, C).
-    """
-    w = candidate_weights(weighting, student_logp, teacher_logp, valid, renormalise)
-    b = vopd_baseline(student_logp, teacher_logp, valid, w) if baseline else None
-    return policy_gradient_loss(student_logp, teacher_logp, w, valid, b)
+    def candidate_set(self) -> str | None:
+        return "teacher"
+
+    def token_loss(self, student, teacher, candidates):
+        return losses.teacher_topk_forward_kl(candidates.teacher(student.logp_at), teacher.topk_logp)
 
 
-def vopd_baseline(student_logp: torch.Tensor, teacher_logp: torch.Tensor, valid: torch.Tensor,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
-    """vOPD's closed-form value of state t (arXiv 2605.07865): V_t = E_{v∼p_t}[log q_t(v) − log p_t(v)] = −KL(p_t‖q_t).
+class FullVocab(Objective):
+    """A divergence over the whole vocabulary, computed chunk by chunk inside the student forward against the
+    teacher's logits recomputed from its hidden states; the token loss is that per-token value."""
 
-    Computed over the valid slots with weights w̄ = w / Σ_valid w (default w = p, so w̄ = p̄, the student's
-    probabilities renormalised over the set): b_t = Σ_v w̄(v)(log q_t(v) − log p_t(v)). With the set equal to the
-    whole vocabulary this is exactly −KL(p_t‖q_t); over the student's top-k it is the paper's top-k approximation.
-    Any value keeps the sampled-token gradient unbiased; the closer to V_t, the lower its variance.
-    Detached. Args: (B, T, C) each (full-vocabulary log-probs gathered at the slots). Returns (B, T); 0 where no
-    slot is valid.
-    """
-    logp, logq = student_logp.detach().float(), teacher_logp.detach().float()
-    if weights is None:
-        weights = masked_log_softmax(logp, valid).exp()
-    w = torch.where(valid, weights.float(), torch.zeros_like(logp))
-    w = w / w.sum(-1, keepdim=True).clamp(min=1e-30)
-    diff = torch.where(valid & (w > 0), logq - logp, torch.zeros_like(logp))
-    return (w * diff).sum(-1)
+    needs = frozenset({"hidden"})
+
+    @property
+    def full_vocab(self) -> bool:
+        return True
+
+    def token_loss(self, student, teacher, candidates):
+        return student.full_loss
 
 
-def pg_second_moment_ratio(student_logp: torch.Tensor, teacher_logp: torch.Tensor, baseline: torch.Tensor,
-                           student_topk_logp: torch.Tensor, mask: torch.Tensor) -> float:
-    """How much a baseline shrinks the sampled-token gradient, measured in logit space on real rollouts.
+class ReverseKL(FullVocab):
+    name = "reverse_kl"
 
-    Per position the estimator's gradient wrt the logits is (D_t − c_t)(e_ŷ − p_t) with D_t = log p_t(ŷ) − log q_t(ŷ)
-    and c_t = −``baseline``; its squared norm is (D_t − c_t)² (1 − 2 p_t(ŷ) + Σ_v p_t(v)²) (Σ p² over the student's
-    top-k, a lower bound). Returns Σ_t that with the baseline / Σ_t it without (< 1: the baseline helps; same
-    mean gradient, so the ratio of second moments ranks the variances). (B, T) each, (B, T, k), mask (B, T).
-    """
-    p_y = student_logp.float().exp()
-    norm2 = (1 - 2 * p_y + (2 * student_topk_logp.float()).exp().sum(-1)).clamp(min=0)
-    d = (student_logp - teacher_logp).float()
-    m = mask.float()
-    plain = (d.square() * norm2 * m).sum()
-    with_b = ((d + baseline.float()).square() * norm2 * m).sum()
-    return float(with_b / plain.clamp(min=1e-30))
+    def chunk_loss(self, student_logits, teacher_logits):
+        return losses.reverse_kl(student_logits, teacher_logits)
 
 
-def truncated_is_weight(train_logp: torch.Tensor, sampling_logp: torch.Tensor, clip: float
-                        ) -> torch.Tensor:
-    """Truncated importance weight min(π_θ(ŷ_t) / π_sample(ŷ_t), C) for samples drawn by older (stale) weights.
+class ForwardKL(FullVocab):
+    name = "forward_kl"
 
-    The sampled prefix came from π_sample; reweighting each token's loss by the ratio corrects the expectation to
-    π_θ, and truncating at C bounds the variance a stale or mismatched sampler would add (the bias is confined
-    to tokens whose ratio exceeds C). Detached. (B, T), (B, T) -> (B, T).
-    """
-    ratio = torch.exp(train_logp.detach().float() - sampling_logp.detach().float())
-    return ratio.clamp(max=clip)
+    def chunk_loss(self, student_logits, teacher_logits):
+        return losses.forward_kl(student_logits, teacher_logits)
 
 
-def topk_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Top-k OPD, paper form (Eq. 5): KL(p̄_t ‖ q̄_t), both renormalised over the valid candidate set.
+class JSD(FullVocab):
+    name = "jsd"
 
-    Differentiated by autograd through p̄. Positions without a valid slot contribute 0.
-    Args: (B, T, C) each (log-probs over the full vocabulary, gathered). Returns (B, T).
-    """
-    log_p = masked_log_softmax(student_logp.float(), valid)
-    log_q = masked_log_softmax(teacher_logp.float(), valid)
-    return _xlogx_ratio(log_p, log_q, valid)
+    def chunk_loss(self, student_logits, teacher_logits):
+        return losses.generalized_jsd(student_logits, teacher_logits, self.cfg.beta)
 
 
-def teacher_topk_forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    """Forward KL on the teacher's top-k with a tail bucket, as a served teacher allows.
-
-    The distributions are coarsened to the k teacher ids plus one "rest" bucket; the result is the exact KL
-    between the coarsened q and p, so it is ≥ 0 and 0 iff they agree on the partition.
-    Args: student_logp, teacher_logp (B, T, k) at the teacher's top-k ids. Returns (B, T).
-    """
-    s, t = student_logp.float(), teacher_logp.float()
-    s_tail = torch.log1p(-s.exp().sum(-1).clamp(max=1 - 1e-6))
-    t_tail = torch.log1p(-t.exp().sum(-1).clamp(max=1 - 1e-6))
-    s_all = torch.cat([s, s_tail.unsqueeze(-1)], -1)
-    t_all = torch.cat([t, t_tail.unsqueeze(-1)], -1)
-    return _xlogx_ratio(t_all, s_all, torch.ones_like(t_all, dtype=torch.bool))
+OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (
+    SampledToken, TopK, ReverseKL, ForwardKL, JSD, TeacherTopKForwardKL)}
 
 
-# --------------------------------------------------------------------------------------------------
-# Full-vocabulary objectives on logits chunks
-# --------------------------------------------------------------------------------------------------
+def objective_for(cfg: ObjectiveConfig) -> Objective:
+    """The objective ``cfg.name``, configured by ``cfg``."""
+    return OBJECTIVES[cfg.name](cfg)
 
 
-def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p‖q) = Σ_v p(v)(log p(v) − log q(v)) over the whole vocabulary (Eq. 4). (N, V) -> (N,)."""
-    log_p = F.log_softmax(student_logits.float(), -1)
-    log_q = F.log_softmax(teacher_logits.float(), -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+def available_objectives(capabilities: frozenset[str]) -> list[str]:
+    """Objectives (and, for topk, candidate strategies) that a teacher with these capabilities supports."""
+    strategies = typing.get_args(typing.get_type_hints(ObjectiveConfig)["strategy"])
+    out = []
+    for name, objective in OBJECTIVES.items():
+        ok = [s for s in strategies
+              if objective(ObjectiveConfig(name=name, strategy=s)).requires() <= set(capabilities)]
+        if len(ok) == len(strategies):
+            out.append(name)
+        elif ok:
+            out.append(f"{name} with objective.strategy={'/'.join(ok)}")
+    return out
 
 
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(q‖p) = Σ_v q(v)(log q(v) − log p(v)), the supervised-KD direction. (N, V) -> (N,)."""
-    log_p = F.log_softmax(student_logits.float(), -1)
-    log_q = F.log_softmax(teacher_logits.float(), -1)
-    return (log_q.exp() * (log_q - log_p)).sum(-1)
+def check_teacher_supports(cfg: ObjectiveConfig, capabilities: frozenset[str], engine: str) -> None:
+    """Refuse, before training, an objective that needs more than the teacher engine can return."""
+    missing = objective_for(cfg).requires() - set(capabilities)
+    if missing:
+        where = f"teacher.engine={engine}" if engine in ("hf", "vllm", "server") else engine
+        what = "topk with objective.strategy=" + cfg.strategy if cfg.name == "topk" else cfg.name
+        raise InvalidInput(
+            f"objective.name={what} needs the teacher's {' and '.join(CAPABILITY_WORDS[m] for m in sorted(missing))}, "
+            f"which {where} cannot provide (it returns: "
+            f"{', '.join(CAPABILITY_WORDS[c] for c in sorted(capabilities))}). "
+            f"Available with {where}: {', '.join(available_objectives(capabilities))}")
 
 
-def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """Generalised JSD of GKD (Agarwal et al. 2024): β KL(p‖m) + (1−β) KL(q‖m), m = β p + (1−β) q.
+def token_loss(objective: Objective, student: StudentOutputs, teacher: TeacherScores | None,
+               candidates: Candidates | None, sequence_advantage: torch.Tensor | None = None,
+               opd_token_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token loss (B, T): ``opd_weight`` × the distillation objective + ``outcome_weight`` × the outcome
+    policy-gradient term (the hybrid OPD + GRPO objective; ``opd_weight`` = 0 is plain GRPO).
 
-    p is the student, q the teacher. β = 0.5 is the symmetric Jensen-Shannon divergence; both ends (β → 0, 1)
-    vanish, so use ``reverse_kl`` / ``forward_kl`` for the pure directions. (TRL's ``beta`` names the same
-    family with the roles of p and q swapped.) (N, V) -> (N,).
-    """
-    log_p = F.log_softmax(student_logits.float(), -1)
-    log_q = F.log_softmax(teacher_logits.float(), -1)
-    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
-    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
-    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
-    return beta * kl_pm + (1 - beta) * kl_qm
-
-
-FULL_VOCAB_OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
-    "reverse_kl": reverse_kl,
-    "forward_kl": forward_kl,
-    "jsd": generalized_jsd,
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# Outcome reward and aggregation
-# --------------------------------------------------------------------------------------------------
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
-                     scale: bool = True) -> torch.Tensor:
-    """GRPO advantages: each reward minus its group mean, divided by the group std when ``scale``.
-
-    rewards (B,) with B = groups × group_size, consecutive rows forming a group. Returns (B,). A group whose
-    rewards are all equal gets advantage 0 (no signal), never NaN.
-    """
-    groups = rewards.float().view(-1, group_size)
-    centred = groups - groups.mean(-1, keepdim=True)
-    if scale and group_size > 1:
-        centred = centred / (groups.std(-1, keepdim=True) + eps)
-    return centred.reshape(-1)
-
-
-def outcome_pg_loss(student_logp: torch.Tensor, sequence_advantage: torch.Tensor) -> torch.Tensor:
-    """−A(y) ρ_t with ρ_t = exp(log p_t(ŷ_t) − sg[·]) ≡ 1: the on-policy GRPO token loss for a per-sequence
-    advantage (gradient −A(y) ∇log p_t(ŷ_t)). (B, T), (B,) -> (B, T)."""
-    logp = student_logp.float()
-    return -(sequence_advantage.float().unsqueeze(-1) * torch.exp(logp - logp.detach()))
-
-
-def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, num_tokens: float | None = None,
-              num_sequences: float | None = None) -> torch.Tensor:
-    """Reduce a per-token loss (B, T) under ``mask`` (B, T) to a scalar.
-
-    token_mean: Σ loss / number of tokens; seq_mean: mean over sequences of each sequence's token mean.
-    Pass the *global* ``num_tokens`` / ``num_sequences`` of the whole step when the batch is split into
-    micro-batches: the sum of micro-batch results then equals the full-batch value exactly.
-    An empty mask gives 0, never NaN.
-    """
-    mask = mask.to(loss.dtype)
-    if mode == "token_mean":
-        denom = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens))
-        return (loss * mask).sum() / denom.clamp(min=1)
-    if mode == "seq_mean":
-        per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        denom = torch.tensor(float(mask.shape[0] if num_sequences is None else num_sequences))
-        return per_seq.sum() / denom.clamp(min=1)
-    raise ValueError(f"unknown aggregation {mode!r}; choose token_mean or seq_mean")
+    ``opd_token_weight`` (B, T), detached, scales the distillation term per token (Prune-OPD's weights)."""
+    cfg = objective.cfg
+    loss = torch.zeros_like(student.logp_sampled)
+    if cfg.opd_weight and teacher is not None:
+        opd = objective.token_loss(student, teacher, candidates)
+        if opd_token_weight is not None:
+            opd = opd * opd_token_weight.to(opd.device)
+        loss = loss + cfg.opd_weight * opd
+    if cfg.outcome_weight and sequence_advantage is not None:
+        loss = loss + cfg.outcome_weight * losses.outcome_pg_loss(student.logp_sampled, sequence_advantage)
+    return loss

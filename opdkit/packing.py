@@ -51,7 +51,9 @@ def enable_varlen_attention(model) -> bool:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from .lm import unwrap_peft
+
+    base_model = unwrap_peft(model)
     cfg = base_model.config
     if getattr(cfg, "sliding_window", None) or getattr(cfg, "attn_logit_softcapping", None):
         return False  # per-row SDPA would drop the window / softcap: use the padded pass
@@ -98,7 +100,7 @@ def packed_response_hidden_states(model, prompt_ids: list[list[int]], response_i
                                   response_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states (N, H) at the positions predicting each valid response token, row-major over
     ``response_mask`` — the same values as ``response_hidden_states(...)[response_mask]``, without padding."""
-    from .scoring import decoder_and_head
+    from .lm import decoder_and_head
 
     decoder, _ = decoder_and_head(model)
     device = next(model.parameters()).device

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from .data import PromptSampler
-from .rollout import Rollout
+from .engines.base import Rollout
 
 __all__ = ["AheadSampler", "OneStepOff", "PIPELINES", "build_pipeline"]
 

@@ -32,7 +32,7 @@ from typing import Literal, Optional
 
 import torch
 
-from . import objectives as obj
+from . import losses
 from .answers import score_response
 from .compat import compare_special_tokens, compare_templates, think_fraction, thinking_support
 from .config import AUTO_DTYPE_HELP, ConfigError, Dtype, _help, load_config
@@ -43,9 +43,12 @@ from .distributed import pad_cat
 from .evaluation import decode_responses
 from .models import (DTYPES, TokenizerMismatchError, check_tokenizers, eos_token_ids, freeze, load_causal_lm,
                      load_tokenizer, model_vocab_size, resolve_model_path)
-from .rollout import HFRolloutEngine, Rollout, row_seeds, sample
-from .scoring import HFTeacher, TeacherScores
-from .student import student_forward
+from .candidates import Candidates
+from .engines.base import Rollout, TeacherScores
+from .engines.hf_rollout import HFRolloutEngine, row_seeds, sample
+from .engines.hf_teacher import HFTeacher
+from .objectives import ReverseKL
+from .student import TeacherLogits, student_forward
 from .tracking import console
 from .hardware import configure_threads
 
@@ -441,7 +444,8 @@ def rank(results: list[dict]) -> list[dict]:
 class PairScores:
     """Both models on the same response tokens, (B, T, ...), 0 where masked.
 
-    ``kl`` is the exact full-vocabulary KL(p_t‖q_t) of the model in the student role against the teacher.
+    ``kl`` is the exact full-vocabulary KL(p_t‖q_t) of the model in the student role against the teacher;
+    ``student_logp_at`` (B, T, k) its log-probs on the student half S^p_t of the candidates (None without top-k).
     """
 
     student_logp: torch.Tensor
@@ -471,13 +475,14 @@ def score_pair(student_model, teacher, student_prompts: list[list[int]], teacher
         at = topk if teacher_at_ids is None else teacher_at_ids[rows]
         scores = teacher.score(teacher_prompts[rows], resp, mask, k=k, student_topk_ids=at, keep_hidden=True)
         with torch.no_grad():
+            candidates = Candidates.of(topk, None)  # the student's top-k S^p only
             out = student_forward(student_model, student_prompts[rows], resp, mask, pad_id=pad_id,
-                                  vocab_size=vocab_size, at_ids=topk, chunk_size=chunk_size,
+                                  vocab_size=vocab_size, candidates=candidates, chunk_size=chunk_size,
                                   temperature=temperature, compute_dtype=None, head_dtype=torch.float32,
-                                  full_fn=obj.reverse_kl, teacher_hidden=scores.hidden,
-                                  teacher_head=teacher.head_logits)
+                                  objective=ReverseKL(), teacher=TeacherLogits(scores.hidden, teacher.head_logits))
         scores.hidden = None
-        for name, value in (("student_logp", out.logp_sampled), ("student_logp_at", out.logp_at),
+        on_student = None if candidates is None else candidates.student(out.logp_at)
+        for name, value in (("student_logp", out.logp_sampled), ("student_logp_at", on_student),
                             ("student_entropy", out.entropy), ("kl", out.full_loss), ("teacher", scores)):
             parts.setdefault(name, []).append(value)
     teacher_fields = {f: pad_cat([getattr(s, f) for s in parts["teacher"]]) for f in TeacherScores.__dataclass_fields__
@@ -632,7 +637,7 @@ def student_rollout_metrics(s: StudentSide, teacher: HFTeacher, teacher_prompts:
         "teacher_logp_student_tokens": masked_mean(pair.teacher.sampled_logp, mask),
         "student_logp_own_tokens": masked_mean(pair.student_logp, mask),
         # vOPD: the exact value -KL(p_t||q_t) as the baseline, on these rollouts (logit-space second moment)
-        "vopd_second_moment_ratio": None if pair.student_logp_at is None else obj.pg_second_moment_ratio(
+        "vopd_second_moment_ratio": None if pair.student_logp_at is None else losses.pg_second_moment_ratio(
             pair.student_logp, pair.teacher.sampled_logp, -pair.kl, pair.student_logp_at, mask),
     })
     bins = position_bins(mask.shape[1], cfg.max_new_tokens, max(1, cfg.max_new_tokens // 4))

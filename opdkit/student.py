@@ -1,21 +1,26 @@
-"""The student's single training forward and the per-token OPD loss.
+"""The student's single training forward: what every objective's token loss reads, in one pass.
 
 One forward of the decoder per micro-batch, then the vocabulary projection in chunks over the valid response
 positions. Each chunk is wrapped in activation checkpointing, so its (chunk, V) logits are recomputed in
-backward instead of stored: memory stays O(B·T·(H + C)). From each chunk we keep log-probs at the candidate
-ids (with grad), the entropy (no grad, for diagnostics) and, for full-vocabulary objectives, the per-token
-divergence against the teacher's logits recomputed from its hidden states.
+backward instead of stored: memory stays O(B·T·(H + C)). From each chunk we keep log-probs of the sampled
+token and at the candidate ids (with grad), the entropy (no grad, for diagnostics) and, for an objective with
+a full-vocabulary loss, its per-token value against the teacher's logits recomputed from its hidden states.
+The token losses themselves are in ``opdkit.objectives``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .scoring import decoder_and_head, final_logit_softcap, response_hidden_states, scatter_rows
+from .candidates import Candidates
+from .lm import HeadProjection, response_hidden_states, scatter_rows
+
+if TYPE_CHECKING:
+    from .objectives import Objective
 
 
 @dataclass
@@ -32,39 +37,27 @@ class StudentOutputs:
     full_loss: torch.Tensor | None = None
 
 
-class StudentHead:
-    """Logits of the student's vocabulary projection, on the shared vocabulary, in ``dtype``."""
+@dataclass
+class TeacherLogits:
+    """The teacher's full-vocabulary distribution at each response position: its final hidden states
+    (B, T, H) and the projection ``head`` (hidden -> logits (N, V)) that recomputes its logits per chunk."""
 
-    def __init__(self, model, vocab_size: int, dtype: torch.dtype | None):
-        _, self.head = decoder_and_head(model)
-        self.vocab_size, self.dtype = vocab_size, dtype
-        self.softcap = final_logit_softcap(model)
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.head.weight[:self.vocab_size]
-        bias = None if getattr(self.head, "bias", None) is None else self.head.bias[:self.vocab_size]
-        if self.dtype is not None:
-            hidden, weight = hidden.to(self.dtype), weight.to(self.dtype)
-            bias = None if bias is None else bias.to(self.dtype)
-        with torch.autocast(hidden.device.type, enabled=False):
-            logits = torch.nn.functional.linear(hidden, weight, bias)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
+    hidden: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _chunk_outputs(head: StudentHead, temperature: float, full_fn: Callable | None, teacher_head: Callable | None,
+def _chunk_outputs(head: HeadProjection, objective: Objective | None, teacher_head: Callable | None,
                    hidden: torch.Tensor, sampled: torch.Tensor, at_ids: torch.Tensor | None,
                    teacher_hidden: torch.Tensor | None):
-    logits = head(hidden) / temperature
+    logits = head(hidden)  # at the sampling temperature
     logp = torch.log_softmax(logits, -1)
     logp_sampled = logp.gather(-1, sampled[:, None]).squeeze(-1)
     logp_at = logp.gather(-1, at_ids) if at_ids is not None else logp_sampled.new_zeros(0)
     with torch.no_grad():
         entropy = -(logp.exp() * logp).sum(-1)
     full = logp_sampled.new_zeros(0)
-    if full_fn is not None:
-        full = full_fn(logits, teacher_head(teacher_hidden))
+    if objective is not None:
+        full = objective.chunk_loss(logits, teacher_head(teacher_hidden))
     return logp_sampled, logp_at, entropy, full
 
 
@@ -88,21 +81,23 @@ def _forward_tuple(model, *args, **kwargs) -> tuple:
 
 def local_student_forward(model, prompt_ids: list[list[int]], response_ids: torch.Tensor,
                           response_mask: torch.Tensor, *, pad_id: int, vocab_size: int,
-                          at_ids: torch.Tensor | None = None, chunk_size: int = 512, temperature: float = 1.0,
+                          candidates: Candidates | None = None, objective: Objective | None = None,
+                          teacher: TeacherLogits | None = None, chunk_size: int = 512, temperature: float = 1.0,
                           compute_dtype: torch.dtype | None = None, head_dtype: torch.dtype | None = torch.float32,
-                          full_fn: Callable | None = None, teacher_hidden: torch.Tensor | None = None,
-                          teacher_head: Callable | None = None, packed: bool = False) -> StudentOutputs:
+                          packed: bool = False) -> StudentOutputs:
     """The student forward on this process's (unsharded or layer-sharded) model.
 
     Args:
-        at_ids: (B, T, C) candidate ids whose log-probs are gathered (None: only the sampled token).
+        candidates: the ids whose log-probs are gathered, (B, T, C) in their layout (None: only the sampled token).
+        objective: when it has a full-vocabulary loss (``objective.full_vocab``), its per-token value against
+            ``teacher``'s logits is computed chunk by chunk (``StudentOutputs.full_loss``).
         compute_dtype: autocast dtype of the decoder (None: the weights' dtype).
         head_dtype: dtype of the vocabulary projection (None: follow autocast).
-        full_fn: per-token full-vocabulary divergence f(student_logits, teacher_logits) -> (N,), with
-            teacher logits recomputed from ``teacher_hidden`` (B, T, H) through ``teacher_head``.
         packed: run the decoder once over the rows packed without padding (``opdkit.packing``; the model's
             attention must have been set up with ``enable_varlen_attention``); same losses and gradients.
     """
+    if objective is not None and not objective.full_vocab:
+        objective = None  # the student forward only runs full-vocabulary losses; gathered ones read its outputs
     device = next(model.parameters()).device
     use_autocast = compute_dtype is not None and compute_dtype != torch.float32
     packed = packed and bool(response_mask.any())  # an all-masked batch keeps the padded graph (zero loss)
@@ -116,16 +111,18 @@ def local_student_forward(model, prompt_ids: list[list[int]], response_ids: torc
     mask = response_mask.to(device)
     if not packed:
         flat_h = hidden[mask]
+    at_ids = None if candidates is None else candidates.ids
     flat_tok = response_ids.to(device)[mask]
     flat_at = None if at_ids is None else at_ids.to(device)[mask]
-    flat_th = None if teacher_hidden is None else teacher_hidden.to(device)[mask]
-    head = StudentHead(model, vocab_size, head_dtype)
+    flat_th = None if objective is None else teacher.hidden.to(device)[mask]
+    teacher_head = None if objective is None else teacher.head
+    head = HeadProjection(model, vocab_size, temperature, head_dtype, trainable=True)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, flat_h.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         args = (flat_h[sl], flat_tok[sl], None if flat_at is None else flat_at[sl],
                 None if flat_th is None else flat_th[sl])
-        fn = lambda *a: _chunk_outputs(head, temperature, full_fn, teacher_head, *a)  # noqa: E731
+        fn = lambda *a: _chunk_outputs(head, objective, teacher_head, *a)  # noqa: E731
         if torch.is_grad_enabled():
             parts.append(checkpoint(fn, *args, use_reentrant=False))
         else:
@@ -135,12 +132,11 @@ def local_student_forward(model, prompt_ids: list[list[int]], response_ids: torc
         shape = response_ids.shape
         return StudentOutputs(zero.expand(shape).clone(),
                               None if at_ids is None else zero.expand(at_ids.shape).clone(),
-                              torch.zeros(shape, device=device), None if full_fn is None else zero.expand(shape).clone())
+                              torch.zeros(shape, device=device), None if objective is None else zero.expand(shape).clone())
     logp_sampled, logp_at, entropy, full = (torch.cat(x) for x in zip(*parts))
-    cpu_mask = response_mask.to(device)
     return StudentOutputs(
-        logp_sampled=scatter_rows(logp_sampled, cpu_mask),
-        logp_at=None if at_ids is None else scatter_rows(logp_at, cpu_mask),
-        entropy=scatter_rows(entropy.detach(), cpu_mask),
-        full_loss=None if full_fn is None else scatter_rows(full, cpu_mask),
+        logp_sampled=scatter_rows(logp_sampled, mask),
+        logp_at=None if at_ids is None else scatter_rows(logp_at, mask),
+        entropy=scatter_rows(entropy.detach(), mask),
+        full_loss=None if objective is None else scatter_rows(full, mask),
     )

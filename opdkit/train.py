@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import objectives as obj
+from . import losses
 from .answers import score_response
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .config import ConfigError, DistillConfig, dump_yaml
@@ -30,14 +30,14 @@ from .distributed import DistInfo, all_gather_objects, all_reduce_gradients, all
     devices_per_rank, init_from_env, local_rank, pad_cat, resolve_device, shard_bounds
 from .evaluation import decode_responses, evaluate
 from .loop import LoopSettings, TrainingDiverged, TrainingLoop, apply_update, prepare_run_dir
-from .loss import check_teacher_supports, full_vocab_fn, token_loss
+from .candidates import Candidates
+from .objectives import check_teacher_supports, objective_for, token_loss
 from .packing import enable_varlen_attention
 from .pipeline import build_pipeline
-from .models import DTYPES, check_tokenizers, eos_token_ids, freeze, load_causal_lm, load_tokenizer, \
-    model_vocab_size, resolve_model_path
-from .rollout import Rollout
-from .scoring import TeacherScores
-from .student import student_forward
+from .models import DTYPES, eos_token_ids, load_causal_lm, load_teacher, load_tokenizer, model_vocab_size, \
+    resolve_model_path
+from .engines.base import Rollout, TeacherScores
+from .student import TeacherLogits, student_forward
 from .tracking import console
 from .hardware import configure_threads
 
@@ -131,6 +131,11 @@ class StepBatch:
     rewards: torch.Tensor | None
     texts: list[str] = field(default_factory=list)
 
+    @property
+    def candidates(self) -> Candidates | None:
+        """The layout of ``student_logp_at``: the rollout's top-k S^p, then the teacher's S^q when it has one."""
+        return Candidates.of(self.rollout.topk_ids, None if self.scores is None else self.scores.topk_ids)
+
 
 class Distiller:
     """Owns the models, data, engines and optimizer of one distillation run."""
@@ -174,12 +179,30 @@ class Distiller:
             s_path = resolve_model_path(cfg.student.path)
             tokenizer = load_tokenizer(s_path)
             student = load_causal_lm(s_path, cfg.student.param_dtype)
-        if teacher_model is None and cfg.uses_teacher and cfg.teacher.engine == "hf" and not cfg.teacher.route:
-            t_path = resolve_model_path(cfg.teacher.path)
-            teacher_tokenizer = load_tokenizer(t_path)
-            teacher_model = load_causal_lm(t_path, cfg.teacher.dtype)
         self.tokenizer = tokenizer
         self.teacher_tokenizer = teacher_tokenizer or tokenizer
+        self.teacher_model = None
+        if teacher_model is not None or (cfg.uses_teacher and cfg.teacher.engine == "hf" and not cfg.teacher.route):
+            self.teacher_model, self.teacher_tokenizer, vocab = load_teacher(
+                cfg.teacher.path, cfg.teacher.dtype, self.teacher_device, student_tokenizer=tokenizer,
+                student_vocab=model_vocab_size(student), student_name=cfg.student.path,
+                teacher_name=cfg.teacher.path, model=teacher_model, tokenizer=teacher_tokenizer)
+            self.vocab_size = vocab.shared_vocab_size
+        elif cfg.uses_teacher:  # vLLM, served or routed teachers: checked without loading them here
+            from .engines import shared_vocab_size
+
+            self.vocab_size = shared_vocab_size(cfg, tokenizer, model_vocab_size(student))
+            if cfg.teacher.engine == "vllm" and not cfg.teacher.route and teacher_tokenizer is None:
+                self.teacher_tokenizer = load_tokenizer(resolve_model_path(cfg.teacher.path))
+        else:
+            self.vocab_size = model_vocab_size(student)
+        self.student = self._prepare_student(student)
+        self.eos_ids = eos_token_ids(tokenizer, self.student)
+        self.pad_id = tokenizer.pad_token_id
+
+    def _prepare_student(self, student):
+        """The student on its device, with LoRA, gradient checkpointing, packing and sharding as configured."""
+        cfg = self.cfg
         student.to(self.student_device)
         if cfg.student.lora_rank:
             from .lora import apply_lora
@@ -191,26 +214,7 @@ class Distiller:
         self.student_packed = cfg.student.packed and enable_varlen_attention(student)
         student.train()
         self.sharded = cfg.distributed.strategy == "fsdp2"
-        if self.sharded:
-            student = self._shard(student)
-        self.student = student
-        self.teacher_model = teacher_model
-        if teacher_model is not None:
-            freeze(teacher_model)
-            teacher_model.to(self.teacher_device)
-            self.vocab = check_tokenizers(tokenizer, self.teacher_tokenizer, model_vocab_size(student),
-                                          model_vocab_size(teacher_model), cfg.student.path, cfg.teacher.path)
-            self.vocab_size = self.vocab.shared_vocab_size
-        elif cfg.uses_teacher:  # vLLM, served or routed teachers: checked without loading them here
-            from .engines import shared_vocab_size
-
-            self.vocab_size = shared_vocab_size(cfg, tokenizer, model_vocab_size(student))
-            if cfg.teacher.engine == "vllm" and not cfg.teacher.route and teacher_tokenizer is None:
-                self.teacher_tokenizer = load_tokenizer(resolve_model_path(cfg.teacher.path))
-        else:
-            self.vocab_size = model_vocab_size(student)
-        self.eos_ids = eos_token_ids(tokenizer, student)
-        self.pad_id = tokenizer.pad_token_id
+        return self._shard(student) if self.sharded else student
 
     def _shard(self, student):
         from . import fsdp
@@ -257,7 +261,7 @@ class Distiller:
 
         cfg = self.cfg
         if self.sharded:
-            from .fsdp import GatheredRolloutEngine
+            from .engines.hf_rollout import GatheredRolloutEngine
 
             self.engine = GatheredRolloutEngine(self._sampler_model, eos_ids=self.eos_ids, pad_id=self.pad_id,
                                                 vocab_size=self.vocab_size)
@@ -266,13 +270,13 @@ class Distiller:
                                                vocab_size=self.vocab_size, tokenizer=self.tokenizer)
         self.teacher = None
         self.k = 0
+        self.objective = objective_for(cfg.objective)
         if cfg.uses_teacher:
             self.teacher = build_teacher(cfg, self.teacher_model, vocab_size=self.vocab_size, pad_id=self.pad_id,
                                          tokenizer=self.tokenizer, student_vocab=model_vocab_size(self.student))
-            if hasattr(self.teacher, "check_sources"):  # routed teachers: every row must have one, before step 1
-                for name, examples in ((cfg.data.train, self.train_set), (cfg.data.eval or cfg.data.train,
-                                                                           self.eval_set)):
-                    self.teacher.check_sources([ex.source for ex in examples], [ex.index for ex in examples], name)
+            # routed teachers: every row must have one, before step 1
+            for name, examples in ((cfg.data.train, self.train_set), (cfg.data.eval or cfg.data.train, self.eval_set)):
+                self.teacher.check_sources([ex.source for ex in examples], [ex.index for ex in examples], name)
             check_teacher_supports(cfg.objective, self.teacher.capabilities,
                                    "teacher.route" if cfg.teacher.route else cfg.teacher.engine)
             if cfg.objective.prune != "none" and "topk" not in self.teacher.capabilities:
@@ -300,7 +304,7 @@ class Distiller:
         start, end = shard_bounds(len(indices), self.dist)
         rows = [self.train_set[i].teacher_ids for i in indices[start:end] for _ in range(self.cfg.rollout.n)]
         return DriftStop(self.teacher, rows, k=self.k, threshold=o.prune_threshold, window=o.prune_window,
-                         pad_id=self.pad_id, eos_ids=self.eos_ids, keep_hidden=full_vocab_fn(o) is not None)
+                         pad_id=self.pad_id, eos_ids=self.eos_ids, keep_hidden=self.objective.full_vocab)
 
     def score(self, rollout: Rollout) -> TeacherScores | None:
         if self.teacher is None:
@@ -308,7 +312,7 @@ class Distiller:
         prompts = [self.train_set[i].teacher_ids for i in rollout.example_index]
         return self.teacher.score(prompts, rollout.response_ids, rollout.response_mask, k=self.k,
                                   student_topk_ids=rollout.topk_ids if "at_ids" in self.teacher.capabilities else None,
-                                  keep_hidden=full_vocab_fn(self.cfg.objective) is not None,
+                                  keep_hidden=self.objective.full_vocab,
                                   sources=[self.train_set[i].source for i in rollout.example_index])
 
     def outcome_rewards(self, rollout: Rollout, texts: list[str]) -> torch.Tensor | None:
@@ -328,11 +332,7 @@ class Distiller:
         cpu_scores = None if scores is None else scores.to("cpu", hidden=False)
         scores, topk_ids, rewards_d = on_device(next(self.student.parameters()).device, scores, rollout.topk_ids,
                                                 rewards)
-        at_ids = valid = None
-        if self.k and scores is not None:
-            at_ids = torch.cat([topk_ids, scores.topk_ids], -1) if scores.topk_ids is not None else topk_ids
-            if scores.topk_ids is not None:
-                valid = obj.candidate_mask(o.strategy, topk_ids, scores.topk_ids)
+        candidates = Candidates.of(topk_ids, scores.topk_ids) if self.k and scores is not None else None
         opd_w = None
         if o.prune == "downweight" and cpu_scores is not None:
             drift = rollout_drift(rollout, cpu_scores, self.k, o.prune_threshold, o.prune_window)
@@ -342,8 +342,8 @@ class Distiller:
         is_sum = is_clipped = 0.0
         seq_adv = None
         if o.outcome_weight and rewards is not None:
-            seq_adv = obj.group_advantages(rewards_d, rollout.group_size)
-        full_fn = full_vocab_fn(o) if scores is not None else None
+            seq_adv = losses.group_advantages(rewards_d, rollout.group_size)
+        objective = self.objective if scores is not None else None
         total = 0.0
         logp_sampled, logp_at, entropy = [], [], []
         mb = self.cfg.optim.micro_batch_size
@@ -351,23 +351,25 @@ class Distiller:
             rows = torch.arange(start, min(start + mb, len(rollout)))
             sub = rollout.select(rows.tolist())
             sub_scores = None if scores is None else scores.select(rows)
+            sub_candidates = None if candidates is None else candidates.select(rows)
+            full_vocab = objective is not None and objective.full_vocab
             out = student_forward(
                 self.student, sub.prompt_ids, sub.response_ids, sub.response_mask, pad_id=self.pad_id,
-                vocab_size=self.vocab_size, at_ids=None if at_ids is None else at_ids[rows],
+                vocab_size=self.vocab_size, candidates=sub_candidates, objective=objective,
+                teacher=TeacherLogits(sub_scores.hidden, self.teacher.head_logits) if full_vocab else None,
                 chunk_size=o.chunk_size, temperature=self.cfg.rollout.temperature,
                 compute_dtype=DTYPES[self.cfg.student.compute_dtype], head_dtype=DTYPES[self.cfg.student.head_dtype],
-                full_fn=full_fn,
-                teacher_hidden=None if sub_scores is None else sub_scores.hidden,
-                teacher_head=getattr(self.teacher, "head_logits", None), packed=self.student_packed)
-            per_token = token_loss(o, out, sub_scores, None if valid is None else valid[rows],
+                packed=self.student_packed)
+            per_token = token_loss(self.objective, out, sub_scores, sub_candidates,
                                    None if seq_adv is None else seq_adv[rows], None if opd_w is None else opd_w[rows])
             if o.is_correction == "truncated":
                 sub_mask = sub.response_mask.to(per_token.device)
-                weight = obj.truncated_is_weight(out.logp_sampled, sub.sampling_logp.to(per_token.device), o.is_clip)
+                weight = losses.truncated_is_weight(out.logp_sampled, sub.sampling_logp.to(per_token.device),
+                                                    o.is_clip)
                 per_token = per_token * weight
                 is_sum += float((weight * sub_mask).sum())
                 is_clipped += float(((weight >= o.is_clip) & sub_mask).sum())
-            loss = obj.aggregate(per_token, sub.response_mask.to(per_token.device), o.aggregation,
+            loss = losses.aggregate(per_token, sub.response_mask.to(per_token.device), o.aggregation,
                                  num_tokens, num_seqs)
             loss.backward()
             total = total + loss.detach()  # one host sync per step (below), not one per micro-batch
@@ -441,7 +443,7 @@ class Distiller:
     def sync_sampler(self) -> dict:
         """Copy the trained weights into the sampling model; engines that check their sync report it."""
         self.engine.sync_weights(self.student)
-        sync = getattr(self.engine, "last_sync", None)
+        sync = self.engine.last_sync
         if not sync:
             return {}
         return {"time/weight_sync": sync["push_seconds"] + sync["check_seconds"],
@@ -519,9 +521,8 @@ class Distiller:
             # k1 estimate of the per-token reverse KL on the student's own samples (unbiased for any objective)
             out["opd/reverse_kl"] = float(kl_token.sum() / n)
             out["opd/teacher_logp"] = float((b.scores.sampled_logp * mask).sum() / n)
-            if hasattr(self.teacher, "metrics"):  # per-teacher token share and reverse KL
-                sources = [self.train_set[i].source for i in b.rollout.example_index]
-                out.update(self.teacher.metrics(sources, mask, b.student_logp_sampled, b.scores.sampled_logp))
+            sources = [self.train_set[i].source for i in b.rollout.example_index]
+            out.update(self.teacher.metrics(sources, mask, b.student_logp_sampled, b.scores.sampled_logp))
         out.update({
             "rollout/len_mean": float(lengths.mean()),
             "rollout/len_max": float(lengths.max()),

@@ -63,7 +63,7 @@ def cmd_variance(out: Path, student: str | None = None, tag: str = "S0", batches
     """Gradients of R independent step batches (16 prompts x 2 rollouts) at S0 (or ``student``, a model
     directory), each objective with and without vOPD on the *same* rollouts; total variance = Σ_params Var_R(g).
     Also the probe's logit-space second-moment ratio on the same rollouts."""
-    from opdkit import objectives as obj
+    from opdkit import losses
     from opdkit.train import Distiller
 
     torch.set_num_threads(1)
@@ -87,11 +87,11 @@ def cmd_variance(out: Path, student: str | None = None, tag: str = "S0", batches
                 d.optimizer.zero_grad(set_to_none=True)
             if form == "sampled":
                 b = d.step_batch
-                k = scores.logp_at_student_topk.shape[-1]
-                base = obj.vopd_baseline(b.student_logp_at[..., :k], scores.logp_at_student_topk,
-                                         torch.ones_like(scores.logp_at_student_topk, dtype=torch.bool))
-                probe_ratio.append(obj.pg_second_moment_ratio(b.student_logp_sampled, scores.sampled_logp, base,
-                                                              b.student_logp_at[..., :k], ro.response_mask))
+                on_student = b.candidates.student(b.student_logp_at)
+                base = losses.vopd_baseline(on_student, scores.logp_at_student_topk,
+                                            torch.ones_like(scores.logp_at_student_topk, dtype=torch.bool))
+                probe_ratio.append(losses.pg_second_moment_ratio(b.student_logp_sampled, scores.sampled_logp, base,
+                                                                 on_student, ro.response_mask))
         stats = {}
         for baseline, gs in grads.items():
             g = torch.stack(gs)

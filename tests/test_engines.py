@@ -17,9 +17,9 @@ from opdkit.data import render_prompt
 from opdkit.engines.logprobs import EngineOutputError, assemble_rollout, scores_from_prompt_logprobs, top_ids
 from opdkit.engines.routing import route_metrics
 from opdkit.engines.server import ServerError, ServerTeacher
-from opdkit.loss import check_teacher_supports
+from opdkit.objectives import check_teacher_supports
 from opdkit.models import TokenizerMismatchError, load_causal_lm
-from opdkit.scoring import HFTeacher
+from opdkit.engines.hf_teacher import HFTeacher
 from opdkit.tiny import save_tiny, tiny_llama
 from opdkit.train import Distiller
 from tests.conftest import tiny_overrides, write_jsonl
@@ -92,6 +92,27 @@ def test_served_teacher_refuses_objectives_it_cannot_feed_and_lists_the_availabl
     full = frozenset({"sampled", "topk", "at_ids", "entropy", "hidden"})
     for name in ("sampled", "topk", "reverse_kl", "forward_kl", "jsd", "teacher_topk_forward_kl"):
         check_teacher_supports(ObjectiveConfig(name=name), full, "hf")
+
+
+
+def test_every_engine_declares_its_interface_and_inherits_the_optional_defaults(tokenizer):
+    from opdkit.engines.base import RolloutEngine, Teacher
+    from opdkit.engines.hf_rollout import GatheredRolloutEngine, HFRolloutEngine
+    from opdkit.engines.routing import RoutedTeacher
+    from opdkit.engines.vllm_engine import VLLMRolloutEngine, VLLMTeacher
+
+    # subclassed explicitly (the protocols are not runtime-checkable: their mro says so)
+    assert all(RolloutEngine in c.__mro__ for c in (HFRolloutEngine, GatheredRolloutEngine, VLLMRolloutEngine))
+    assert all(Teacher in c.__mro__ for c in (HFTeacher, ServerTeacher, VLLMTeacher, RoutedTeacher))
+    model = tiny_llama(len(tokenizer), seed=0)
+    teacher, engine = HFTeacher(model, vocab_size=len(tokenizer), pad_id=2), HFRolloutEngine(
+        model, eos_ids=[2], pad_id=2, sampling_dtype=torch.float32)
+    # the trainer calls the optional methods on every engine: the defaults do nothing
+    assert teacher.check_sources(["a"], [0], "x") is None and engine.last_sync is None
+    assert teacher.metrics(["a"], torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 2), torch.zeros(1, 2)) == {}
+    with pytest.raises(NotImplementedError, match="ServerTeacher returns no hidden states"):
+        Teacher.head_logits(ServerTeacher.__new__(ServerTeacher), torch.zeros(1, 4))
+    assert RoutedTeacher.check_sources is not Teacher.check_sources and RoutedTeacher.metrics is not Teacher.metrics
 
 
 def test_engine_configs_are_validated(tiny_dirs, prompts_file, tmp_path):

@@ -10,9 +10,11 @@ import torch.distributed as dist
 
 from opdkit import distributed as D
 from opdkit.config import ConfigError, DistillConfig, ObjectiveConfig, load_config
-from opdkit.loss import OBJECTIVES, token_loss
+from opdkit.candidates import Candidates
+from opdkit.objectives import OBJECTIVES, objective_for, token_loss
 from opdkit.noise import noise_keys, row_uniforms, sample_with_uniforms
-from opdkit.scoring import HFTeacher, TeacherScores
+from opdkit.engines.hf_teacher import HFTeacher
+from opdkit.engines.base import TeacherScores
 from opdkit.student import StudentOutputs
 from opdkit.tiny import tiny_llama
 from opdkit.train import on_device, rank_devices
@@ -152,12 +154,12 @@ def test_loss_inputs_follow_a_student_on_another_device(name):
     dev = torch.device("meta")
     student = StudentOutputs(torch.randn(B, T, device=dev), torch.randn(B, T, 2 * k, device=dev),
                              torch.randn(B, T, device=dev), torch.randn(B, T, device=dev))
-    cfg = ObjectiveConfig(name=name, outcome_weight=0.5)
-    scores, valid, adv = _scores(B, T, k), torch.ones(B, T, 2 * k, dtype=torch.bool), torch.randn(B)
+    objective = objective_for(ObjectiveConfig(name=name, outcome_weight=0.5))
+    scores, s_top, adv = _scores(B, T, k), torch.randint(0, 9, (B, T, k)), torch.randn(B)
     with pytest.raises(RuntimeError, match="device"):
-        token_loss(cfg, student, scores, valid, adv)
-    scores, valid, adv = on_device(dev, scores, valid, adv)
-    assert token_loss(cfg, student, scores, valid, adv).device == dev
+        token_loss(objective, student, scores, Candidates(s_top, scores.topk_ids), adv)
+    scores, s_top, adv = on_device(dev, scores, s_top, adv)
+    assert token_loss(objective, student, scores, Candidates(s_top, scores.topk_ids), adv).device == dev
 
 
 def test_distiller_feeds_the_loss_on_the_students_device(tmp_path, tiny_dirs, prompts_file, monkeypatch, device):
@@ -167,11 +169,11 @@ def test_distiller_feeds_the_loss_on_the_students_device(tmp_path, tiny_dirs, pr
     seen = []
     real = T.token_loss
 
-    def spy(cfg, student, teacher, valid, adv=None, opd_token_weight=None):
-        tensors = [t for t in (teacher.sampled_logp, teacher.topk_logp, valid, adv, opd_token_weight)
-                   if t is not None]
+    def spy(objective, student, teacher, candidates, adv=None, opd_token_weight=None):
+        tensors = [t for t in (teacher.sampled_logp, teacher.topk_logp, None if candidates is None else candidates.ids,
+                               adv, opd_token_weight) if t is not None]
         seen.append({t.device for t in tensors} | {student.logp_sampled.device})
-        return real(cfg, student, teacher, valid, adv, opd_token_weight)
+        return real(objective, student, teacher, candidates, adv, opd_token_weight)
 
     monkeypatch.setattr(T, "token_loss", spy)
     cfg = load_config(DistillConfig, None, tiny_overrides(tiny_dirs, prompts_file, tmp_path / "run", **{
@@ -266,7 +268,7 @@ def test_lora_sampling_copy_is_built_in_the_sampling_dtype_and_merged(tokenizer)
 
     from opdkit.config import StudentConfig
     from opdkit.lora import apply_lora
-    from opdkit.rollout import HFRolloutEngine
+    from opdkit.engines.hf_rollout import HFRolloutEngine
 
     student = apply_lora(tiny_llama(len(tokenizer), seed=0), StudentConfig(lora_rank=4), seed=0)
     with torch.no_grad():

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from opdkit import objectives as obj
+from opdkit import losses as obj
+from opdkit.candidates import Candidates, candidate_mask
 from opdkit.config import ObjectiveConfig
 
 L = math.log
@@ -82,10 +83,36 @@ def test_teacher_topk_forward_kl_hand_value():
     ("union", {1, 2, 3, 4, 5}), ("symmetric_difference", {1, 2, 4, 5})])
 def test_candidate_mask_selects_named_set(strategy, expected):
     s_ids, t_ids = torch.tensor([[[1, 2, 3]]]), torch.tensor([[[3, 4, 5]]])
-    valid = obj.candidate_mask(strategy, s_ids, t_ids)
+    valid = candidate_mask(strategy, s_ids, t_ids)
     ids = torch.cat([s_ids, t_ids], -1)[valid].tolist()
     assert set(ids) == expected
     assert len(ids) == len(expected)  # duplicates (3 in union) are masked, never counted twice
+
+
+
+def test_candidates_name_the_halves_of_the_layout():
+    s_ids, t_ids = torch.tensor([[[1, 2, 3]]]), torch.tensor([[[3, 4, 5]]])
+    c = Candidates(s_ids, t_ids)
+    assert c.ids.tolist() == [[[1, 2, 3, 3, 4, 5]]] and c.k == 3
+    assert torch.equal(c.student(c.ids), s_ids) and torch.equal(c.teacher(c.ids), t_ids)
+    values = torch.arange(6.0).view(1, 1, 6)
+    assert torch.equal(Candidates.join(c.student(values), c.teacher(values)), values)
+    assert torch.equal(c.mask("union"), candidate_mask("union", s_ids, t_ids))
+    alone = Candidates.of(s_ids, None)  # a teacher without top-k: the layout is S^p alone
+    assert torch.equal(alone.ids, s_ids) and alone.teacher(alone.ids).numel() == 0
+    assert Candidates.of(None, t_ids) is None
+
+
+def test_each_objective_declares_what_it_reads():
+    from opdkit.objectives import OBJECTIVES, objective_for
+
+    sets = {name: objective_for(ObjectiveConfig(name=name, strategy="union")).candidate_set() for name in OBJECTIVES}
+    assert sets == {"sampled": None, "topk": "union", "reverse_kl": None, "forward_kl": None, "jsd": None,
+                    "teacher_topk_forward_kl": "teacher"}
+    assert objective_for(ObjectiveConfig(name="sampled", baseline="vopd")).candidate_set() == "student"
+    assert {n for n in OBJECTIVES if OBJECTIVES[n]().full_vocab} == {"reverse_kl", "forward_kl", "jsd"}
+    with pytest.raises(NotImplementedError, match="topk has no full-vocabulary loss"):
+        objective_for(ObjectiveConfig(name="topk")).chunk_loss(torch.zeros(1, 3), torch.zeros(1, 3))
 
 
 def _random_logits(shape, seed):
@@ -108,8 +135,8 @@ ALL_CONFIGS = [
 
 @pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=lambda c: f"{c.strategy}-{c.weighting}-{c.form}")
 def test_student_equals_teacher_gives_zero_loss_and_gradient(cfg):
-    from opdkit.loss import OBJECTIVES
-    from opdkit.scoring import TeacherScores
+    from opdkit.objectives import objective_for
+    from opdkit.engines.base import TeacherScores
     from opdkit.student import StudentOutputs
 
     V, k = 11, 4
@@ -124,8 +151,7 @@ def test_student_equals_teacher_gives_zero_loss_and_gradient(cfg):
     scores = TeacherScores(sampled_logp=teacher_logp[..., 0], topk_ids=t_top, topk_logp=teacher_logp[..., k:],
                            logp_at_student_topk=teacher_logp[..., :k])
     out = StudentOutputs(logp_sampled=student_logp[..., 0], logp_at=student_logp, entropy=torch.zeros(2, 3))
-    valid = obj.candidate_mask(cfg.strategy, s_top, t_top)
-    loss = OBJECTIVES[cfg.name](cfg, out, scores, valid)
+    loss = objective_for(cfg).token_loss(out, scores, Candidates(s_top, t_top))
     total = obj.aggregate(loss, torch.ones(2, 3), "token_mean")
     total.backward()
     assert abs(total.item()) < 1e-6
@@ -134,8 +160,8 @@ def test_student_equals_teacher_gives_zero_loss_and_gradient(cfg):
 
 @pytest.mark.parametrize("name", ["sampled", "reverse_kl", "forward_kl", "jsd", "teacher_topk_forward_kl"])
 def test_other_objectives_zero_at_equality(name):
-    from opdkit.loss import OBJECTIVES, full_vocab_fn
-    from opdkit.scoring import TeacherScores
+    from opdkit.objectives import objective_for
+    from opdkit.engines.base import TeacherScores
     from opdkit.student import StudentOutputs
 
     V, k = 9, 3
@@ -144,13 +170,13 @@ def test_other_objectives_zero_at_equality(name):
     t_top = logits.detach().topk(k, -1).indices
     sampled = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(0))
     logp = torch.log_softmax(logits, -1)
-    full = full_vocab_fn(cfg)
+    objective = objective_for(cfg)
     out = StudentOutputs(logp_sampled=logp.gather(-1, sampled[..., None]).squeeze(-1),
                          logp_at=logp.gather(-1, torch.cat([t_top, t_top], -1)), entropy=torch.zeros(2, 4),
-                         full_loss=None if full is None else full(logits, logits.detach()))
+                         full_loss=objective.chunk_loss(logits, logits.detach()) if objective.full_vocab else None)
     scores = TeacherScores(sampled_logp=out.logp_sampled.detach(), topk_ids=t_top,
                            topk_logp=logp.detach().gather(-1, t_top))
-    loss = obj.aggregate(OBJECTIVES[name](cfg, out, scores, None), torch.ones(2, 4), "token_mean")
+    loss = obj.aggregate(objective.token_loss(out, scores, Candidates(t_top, t_top)), torch.ones(2, 4), "token_mean")
     loss.backward()
     assert abs(loss.item()) < 1e-5
     assert logits.grad.abs().max().item() < 1e-5

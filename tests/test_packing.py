@@ -2,10 +2,11 @@
 
 import torch
 
-from opdkit.objectives import reverse_kl
+from opdkit.candidates import Candidates
+from opdkit.objectives import ReverseKL
 from opdkit.packing import enable_varlen_attention, pack_rows
-from opdkit.scoring import HFTeacher
-from opdkit.student import student_forward
+from opdkit.engines.hf_teacher import HFTeacher
+from opdkit.student import TeacherLogits, student_forward
 from opdkit.tiny import tiny_llama
 
 PROMPTS = [[1, 40, 41, 42, 43], [1, 50], [1, 60, 61]]
@@ -46,8 +47,8 @@ def _loss_and_grads(student, teacher, packed):
         PROMPTS, RESPONSES, MASK, k=0, keep_hidden=True)
     at_ids = torch.randint(0, student.config.vocab_size, (3, 6, 4), generator=torch.Generator().manual_seed(1))
     out = student_forward(student, PROMPTS, RESPONSES, MASK, pad_id=2, vocab_size=student.config.vocab_size,
-                          at_ids=at_ids, chunk_size=5, compute_dtype=None, full_fn=reverse_kl,
-                          teacher_hidden=t_scores.hidden, teacher_head=lambda h: teacher.lm_head(h).float(),
+                          candidates=Candidates(at_ids), chunk_size=5, compute_dtype=None, objective=ReverseKL(),
+                          teacher=TeacherLogits(t_scores.hidden, lambda h: teacher.lm_head(h).float()),
                           packed=packed)
     w = torch.linspace(0.5, 1.5, 18).view(3, 6)  # distinct weights: every position's gradient matters
     loss = (out.full_loss * w).sum() - (out.logp_sampled * w).sum() + out.logp_at.exp().sum()

@@ -22,8 +22,8 @@ from opdkit.data import render_prompt
 from opdkit.models import load_causal_lm
 from opdkit.probe import (RESULT_KEYS, ProbeConfig, ProbeThresholds, capability, decide, distribution, rank,
                           run_probe, self_check)
-from opdkit.rollout import sample
-from opdkit.scoring import HFTeacher
+from opdkit.engines.hf_rollout import sample
+from opdkit.engines.hf_teacher import HFTeacher
 from opdkit.tiny import char_tokenizer, save_tiny, tiny_llama
 from tests.conftest import write_jsonl
 

@@ -7,7 +7,7 @@ import torch
 
 from opdkit.cli import main
 from opdkit.prune import HELDOUT_TEXTS, greedy_keep_list, perplexity, prune_layers
-from opdkit.rollout import sample
+from opdkit.engines.hf_rollout import sample
 from opdkit.tiny import save_tiny, tiny_llama
 
 

@@ -10,7 +10,7 @@ from opdkit.answers import score_response
 from opdkit.cli import main
 from opdkit.config import ConfigError
 from opdkit.evaluation import decode_responses
-from opdkit.objectives import group_advantages
+from opdkit.losses import group_advantages
 from opdkit.recipes.grpo import grpo_config
 from opdkit.tiny import char_tokenizer, save_tiny, tiny_llama
 from opdkit.train import Distiller

@@ -2,7 +2,8 @@
 
 import torch
 
-from opdkit.rollout import HFRolloutEngine, filter_top_p, left_pad, response_mask_from_eos, sample
+from opdkit.engines.hf_rollout import HFRolloutEngine, filter_top_p, response_mask_from_eos, sample
+from opdkit.lm import left_pad
 from opdkit.tiny import tiny_llama
 
 

@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from opdkit import objectives as obj
-from opdkit.rollout import left_pad, sample
-from opdkit.scoring import HFTeacher
-from opdkit.student import student_forward
+from opdkit import losses as obj
+from opdkit.candidates import Candidates
+from opdkit.engines.hf_rollout import sample
+from opdkit.engines.hf_teacher import HFTeacher
+from opdkit.lm import HeadProjection, left_pad
+from opdkit.objectives import ReverseKL
+from opdkit.student import TeacherLogits, student_forward
 from opdkit.tiny import tiny_llama
 
 
@@ -65,15 +68,16 @@ def test_student_forward_matches_direct_and_chunked_gradients_agree(pair, batch)
     prompts, resp, mask, s_top = batch
     scorer = HFTeacher(teacher, vocab_size=V, pad_id=2, chunk_size=4)
     t_scores = scorer.score(prompts, resp, mask, k=5, student_topk_ids=s_top, keep_hidden=True)
-    ids = torch.cat([s_top, t_scores.topk_ids], -1)
+    candidates = Candidates(s_top, t_scores.topk_ids)
+    ids = candidates.ids
     with torch.no_grad():
         logp = torch.log_softmax(direct_logits(student, prompts, resp), -1)
     grads, outs = [], []
     for chunk in (3, 10_000):
         student.zero_grad()
-        out = student_forward(student, prompts, resp, mask, pad_id=2, vocab_size=V, at_ids=ids, chunk_size=chunk,
-                              full_fn=obj.reverse_kl, teacher_hidden=t_scores.hidden,
-                              teacher_head=scorer.head_logits)
+        out = student_forward(student, prompts, resp, mask, pad_id=2, vocab_size=V, candidates=candidates,
+                              chunk_size=chunk, objective=ReverseKL(),
+                              teacher=TeacherLogits(t_scores.hidden, scorer.head_logits))
         (out.logp_at.sum() + out.full_loss.sum() + out.logp_sampled.sum()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
         outs.append(out)
@@ -88,6 +92,21 @@ def test_student_forward_matches_direct_and_chunked_gradients_agree(pair, batch)
         expected_kl = obj.reverse_kl(direct_logits(student, prompts, resp), t_logits)
     torch.testing.assert_close(out.full_loss[m].detach(), expected_kl[m], rtol=1e-4, atol=1e-4)
     assert (out.full_loss[~m] == 0).all()
+
+
+def test_one_head_projection_serves_student_and_teacher(pair):
+    student, _, V = pair
+    hidden = torch.randn(5, student.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    frozen = HeadProjection(student, V - 3, temperature=0.7)
+    live = HeadProjection(student, V - 3, temperature=0.7, trainable=True)
+    expected = student.lm_head(hidden)[:, :V - 3].float() / 0.7
+    torch.testing.assert_close(frozen(hidden), expected.detach())
+    student.zero_grad(set_to_none=True)
+    out = live(hidden)
+    torch.testing.assert_close(out.detach(), expected.detach())
+    out.sum().backward()  # the student's reaches the live weight; the teacher's holds a detached copy
+    assert student.lm_head.weight.grad is not None and not frozen.weight.requires_grad
+    student.zero_grad(set_to_none=True)
 
 
 def test_student_forward_all_masked_batch_has_zero_connected_loss(pair, batch):

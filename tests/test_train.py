@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from opdkit import objectives as obj
 from opdkit.checkpoint import latest_checkpoint
 from opdkit.config import DistillConfig, load_config
-from opdkit.student import student_forward
+from opdkit.objectives import ReverseKL
+from opdkit.student import TeacherLogits, student_forward
 from opdkit.tiny import save_tiny, tiny_llama
 from opdkit.train import Distiller, TrainingDiverged
 from tests.conftest import addition_rows, tiny_overrides, write_jsonl
@@ -43,8 +43,8 @@ def exact_reverse_kl(d: Distiller, rollout) -> float:
         scores = d.teacher.score(rollout.prompt_ids, rollout.response_ids, rollout.response_mask, k=0,
                                  keep_hidden=True)
         out = student_forward(d.student, rollout.prompt_ids, rollout.response_ids, rollout.response_mask,
-                              pad_id=d.pad_id, vocab_size=d.vocab_size, full_fn=obj.reverse_kl,
-                              teacher_hidden=scores.hidden, teacher_head=d.teacher.head_logits)
+                              pad_id=d.pad_id, vocab_size=d.vocab_size, objective=ReverseKL(),
+                              teacher=TeacherLogits(scores.hidden, d.teacher.head_logits))
     return float(out.full_loss[rollout.response_mask].mean())
 
 

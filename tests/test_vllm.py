@@ -21,7 +21,8 @@ import torch
 
 from opdkit.config import DistillConfig, load_config
 from opdkit.engines.vllm_engine import vllm_unavailable_reason
-from opdkit.rollout import HFRolloutEngine, _merged_state
+from opdkit.engines.hf_rollout import HFRolloutEngine
+from opdkit.lm import merged_state
 from opdkit.tiny import save_tiny, tiny_llama
 from opdkit.train import Distiller
 from tests.conftest import addition_rows, tiny_overrides, write_jsonl
@@ -96,7 +97,7 @@ def test_vllm_rollouts_with_lora_and_checked_weight_sync(vllm_dirs, tmp_path):
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     with pytest.raises(WeightSyncError, match="reload_weights did not take effect"):
-        d.engine.check_sync(d.student, {k: v.float() for k, v in _merged_state(d.student).items()})
+        d.engine.check_sync(d.student, {k: v.float() for k, v in merged_state(d.student).items()})
     d.engine.sync_weights(d.student)
 
 
@@ -175,11 +176,11 @@ def vllm_server(_server_process):
 
 
 def test_served_teacher_scores_rollouts_during_distill_and_the_student_learns(vllm_dirs, vllm_server, tmp_path):
-    from opdkit import objectives as obj
+    from opdkit.objectives import ReverseKL
     from opdkit.engines.server import ServerError
     from opdkit.models import load_causal_lm
-    from opdkit.scoring import HFTeacher
-    from opdkit.student import student_forward
+    from opdkit.engines.hf_teacher import HFTeacher
+    from opdkit.student import TeacherLogits, student_forward
 
     common = {"teacher.engine": "server", "teacher.url": vllm_server, "teacher.request_batch_size": 3,
               "objective.name": "sampled", "objective.k": 16, "optim.lr": 0.01, "rollout.n": 2,
@@ -198,8 +199,8 @@ def test_served_teacher_scores_rollouts_during_distill_and_the_student_learns(vl
     def exact_kl() -> float:  # exact full-vocabulary reverse KL to the (local copy of the) teacher on `fixed`
         with torch.no_grad():
             out = student_forward(d.student, fixed.prompt_ids, fixed.response_ids, m, pad_id=d.pad_id,
-                                  vocab_size=d.vocab_size, full_fn=obj.reverse_kl, teacher_hidden=ref.hidden,
-                                  teacher_head=local.head_logits)
+                                  vocab_size=d.vocab_size, objective=ReverseKL(),
+                                  teacher=TeacherLogits(ref.hidden, local.head_logits))
         return float(out.full_loss[m].mean())
 
     before = exact_kl()

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-from opdkit import objectives as obj
+from opdkit import losses as obj
+from opdkit.candidates import candidate_mask
 from opdkit.config import ConfigError, DistillConfig, load_config
 from opdkit.drift import NO_DRIFT, DriftStop, drift_points, prune_weights, rollout_drift
-from opdkit.rollout import row_seeds, sample
-from opdkit.scoring import HFTeacher
+from opdkit.engines.hf_rollout import row_seeds, sample
+from opdkit.engines.hf_teacher import HFTeacher
 
 L = math.log
 
@@ -112,7 +113,7 @@ def test_topk_pg_with_vopd_baseline_is_the_gradient_of_eq5():
     s_ids, t_ids = zs.topk(k, -1).indices, zt.topk(k, -1).indices
     ids = torch.cat([s_ids, t_ids], -1)
     for strategy in ("student", "union", "intersection"):
-        valid = obj.candidate_mask(strategy, s_ids, t_ids)
+        valid = candidate_mask(strategy, s_ids, t_ids)
         grads = {}
         for name in ("kl", "pg", "pg_vopd"):
             z = zs.clone().requires_grad_()
@@ -157,15 +158,15 @@ def test_drift_points_and_weights_by_hand():
 
 def test_downweight_scales_the_opd_token_loss():
     from opdkit.config import ObjectiveConfig
-    from opdkit.loss import token_loss
-    from opdkit.scoring import TeacherScores
+    from opdkit.objectives import objective_for, token_loss
+    from opdkit.engines.base import TeacherScores
     from opdkit.student import StudentOutputs
 
     s = StudentOutputs(torch.log(torch.tensor([[0.5, 0.2, 0.4]])), None, torch.zeros(1, 3))
     t = TeacherScores(torch.log(torch.tensor([[0.25, 0.4, 0.1]])))
-    cfg = ObjectiveConfig(name="sampled")
+    objective = objective_for(ObjectiveConfig(name="sampled"))
     w = torch.tensor([[1.0, 0.5, 0.25]])
-    assert torch.allclose(token_loss(cfg, s, t, None, opd_token_weight=w), token_loss(cfg, s, t, None) * w)
+    assert torch.allclose(token_loss(objective, s, t, None, opd_token_weight=w), token_loss(objective, s, t, None) * w)
 
 
 # -- Prune-OPD early stop --------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def test_early_stop_cuts_rows_where_offline_truncation_would(pair, threshold, W)
     student, teacher_model, prompts = pair
     teacher = HFTeacher(teacher_model, vocab_size=student.config.vocab_size, pad_id=2)
     k, T = 8, 24
-    from opdkit.rollout import Rollout
+    from opdkit.engines.base import Rollout
 
     # offline: the full rollout, scored, then cut at its drift points
     resp, mask, _, top, _ = _rollout(student, prompts, 2, T=T, k=k, min_new=T)

@@ -56,7 +56,7 @@ def _scoring_memory_worker(teacher: str, length: int, mode: str, batch: int) -> 
     import torch
 
     from ..models import load_causal_lm
-    from ..scoring import HFTeacher
+    from ..engines.hf_teacher import HFTeacher
 
     model = load_causal_lm(Path(teacher), "bfloat16")
     model.eval()

@@ -1,7 +1,9 @@
 """Rollout and teacher engines, chosen by name in the config (``rollout.engine``, ``teacher.engine``).
 
-Each builder takes the run config and returns an object with the ``RolloutEngine`` / ``Teacher`` interface;
-the training loop never needs to know which one it got.
+Each builder takes the run config and returns a ``RolloutEngine`` / ``Teacher`` (``engines.base``); the
+training loop never needs to know which one it got. ``hf_rollout`` and ``hf_teacher`` run transformers models
+in this process, ``vllm_engine`` an in-process vLLM, ``server`` an OpenAI-compatible server, ``routing`` one
+teacher per data source.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from ..models import DTYPES
 
 
 def _hf_rollout(cfg, student, *, eos_ids, pad_id, vocab_size, tokenizer):
-    from ..rollout import HFRolloutEngine
+    from .hf_rollout import HFRolloutEngine
 
     return HFRolloutEngine(student, eos_ids=eos_ids, pad_id=pad_id, sampling_dtype=DTYPES[cfg.student.sampling_dtype],
                            vocab_size=vocab_size, share_prefill=cfg.rollout.share_prefill,
@@ -30,7 +32,7 @@ ROLLOUT_ENGINES: dict[str, Callable] = {"hf": _hf_rollout, "vllm": _vllm_rollout
 
 
 def _hf_teacher(cfg, model, *, vocab_size, pad_id, tokenizer):
-    from ..scoring import HFTeacher
+    from .hf_teacher import HFTeacher
 
     t = cfg.teacher
     return HFTeacher(model, vocab_size=vocab_size, pad_id=pad_id, temperature=t.temperature, chunk_size=t.chunk_size,
@@ -58,15 +60,11 @@ def build_rollout_engine(cfg, student, **kwargs):
 
 def load_hf_teacher(cfg, tokenizer, student_vocab: int, name: str = "teacher"):
     """A local HF teacher (frozen, on ``teacher.device``), checked against the student's tokenizer."""
-    from ..models import check_tokenizers, freeze, load_causal_lm, load_tokenizer, model_vocab_size, \
-        resolve_model_path
+    from ..models import load_teacher
 
-    path = resolve_model_path(cfg.teacher.path)
-    model = load_causal_lm(path, cfg.teacher.dtype)
-    freeze(model)
-    model.to(rank_device(cfg, cfg.teacher.device))
-    check_tokenizers(tokenizer, load_tokenizer(path), student_vocab, model_vocab_size(model), cfg.student.path,
-                     f"{name} ({cfg.teacher.path})")
+    model, _, _ = load_teacher(cfg.teacher.path, cfg.teacher.dtype, rank_device(cfg, cfg.teacher.device),
+                               student_tokenizer=tokenizer, student_vocab=student_vocab, student_name=cfg.student.path,
+                               teacher_name=f"{name} ({cfg.teacher.path})")
     return model
 
 
@@ -86,7 +84,7 @@ def shared_vocab_size(cfg, tokenizer, student_vocab: int) -> int:
 
     teachers = [cfg.teacher]
     if cfg.teacher.route:
-        from .routing import route_teacher_configs
+        from ..config import route_teacher_configs
 
         teachers = list(route_teacher_configs(cfg).values())
     size = student_vocab

@@ -13,8 +13,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..errors import UserError
-from ..rollout import Rollout
-from ..scoring import TeacherScores
+from .base import Rollout, TeacherScores
 
 # {token id: (log-prob, rank)} at one position
 PositionLogprobs = Mapping[int, tuple[float, int]]

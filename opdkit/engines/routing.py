@@ -20,35 +20,9 @@ from typing import Callable
 
 import torch
 
-from ..config import ConfigError, TeacherConfig, from_dict
+from ..config import route_teacher_configs
 from ..errors import InvalidInput
-from ..hardware import resolve_config
-from ..scoring import TeacherScores
-
-
-def route_teacher_configs(cfg) -> dict[str, TeacherConfig]:
-    """The teacher config of every route: the shared ``teacher.*`` fields updated by the route's entry."""
-    shared = dataclasses.asdict(cfg.teacher)
-    shared["route"] = {}
-    out = {}
-    for value, spec in cfg.teacher.route.items():
-        key = f"teacher.route.{value}"
-        if isinstance(spec, str):
-            fields = {**shared, "path": spec}
-        elif isinstance(spec, dict):
-            if "route" in spec:
-                raise ConfigError(f"{key}: a routed teacher cannot route again")
-            fields = {**shared, **spec}
-        else:
-            raise ConfigError(f"{key} must be a teacher path or a mapping of teacher fields, got {spec!r}")
-        t = from_dict(TeacherConfig, fields, prefix=key + ".")
-        resolve_config(t)  # a route may set its own dtype, auto included
-        if t.engine == "server" and not t.url:
-            raise ConfigError(f"{key}: engine server needs url, e.g. {{engine: server, url: http://host:8000/v1}}")
-        if t.engine != "server" and not t.path:
-            raise ConfigError(f"{key}: a teacher path is required")
-        out[str(value)] = t
-    return out
+from .base import Teacher, TeacherScores
 
 
 def metric_name(value: str) -> str:
@@ -70,7 +44,7 @@ def route_metrics(sources: list[str], mask: torch.Tensor, student_logp: torch.Te
     return out
 
 
-class RoutedTeacher:
+class RoutedTeacher(Teacher):
     """Routes each row to the teacher of its source. Capabilities: those every teacher has, without hidden states
     (a full-vocabulary objective would need one vocabulary head per row)."""
 

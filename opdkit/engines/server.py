@@ -27,7 +27,7 @@ import torch
 from ..data import render_prompt
 from ..errors import InvalidInput, MissingDependency
 from ..models import TokenizerMismatchError
-from ..scoring import TeacherScores
+from .base import Teacher, TeacherScores
 from .logprobs import EngineError, scores_from_prompt_logprobs, sequences_to_score
 from .vllm_engine import check_served_temperature
 
@@ -55,7 +55,7 @@ def _field(body: dict, key: str, url: str):
     return body[key]
 
 
-class ServerTeacher:
+class ServerTeacher(Teacher):
     """Scores rollouts with a served teacher. Capabilities: sampled-token log-probs and the teacher's top-k."""
 
     capabilities = frozenset({"sampled", "topk"})

@@ -40,9 +40,10 @@ import torch
 
 from ..errors import InvalidInput, MissingDependency
 from ..hardware import vllm_cpu_kv_cache_gib, vllm_cpu_thread_binding
+from ..lm import merged_state
 from ..models import DTYPES, cache_root, check_tokenizers, load_tokenizer, resolve_model_path
-from ..rollout import Rollout, _merged_state, row_seeds
-from ..scoring import TeacherScores
+from .base import Rollout, RolloutEngine, Teacher, TeacherScores
+from .hf_rollout import row_seeds
 from .logprobs import EngineError, assemble_rollout, scores_from_prompt_logprobs, sequences_to_score
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def _worker(llm):
                           f"with vllm 0.32: {e}") from None
 
 
-class VLLMRolloutEngine:
+class VLLMRolloutEngine(RolloutEngine):
     """The student's rollouts from an in-process vLLM engine, same interface and semantics as
     ``HFRolloutEngine``: n samples per prompt, per-row seeds, masks up to the first EOS, truncation flags,
     the student's top-k ids at each position and the sampled token's log-prob (see the module docstring).
@@ -201,7 +202,7 @@ class VLLMRolloutEngine:
     def sync_weights(self, student) -> None:
         """Push the student's weights into vLLM, drop KV blocks cached under the old weights, check the result."""
         start = time.perf_counter()
-        state = {name: t.detach().to(self.dtype) for name, t in _merged_state(student).items()}
+        state = {name: t.detach().to(self.dtype) for name, t in merged_state(student).items()}
         _worker(self.llm).reload_weights(weights_iterator=iter(state.items()))
         self.llm.reset_prefix_cache()
         pushed = time.perf_counter()
@@ -298,11 +299,11 @@ def _expected_weight(name: str, mapping: dict, state: dict[str, torch.Tensor]) -
     return None
 
 
-class VLLMTeacher:
+class VLLMTeacher(Teacher):
     """Teacher scoring with an in-process vLLM engine via ``prompt_logprobs``: each row's prompt and response ids
     are sent as one token prompt with ``max_tokens=1``; the log-probs at the response positions give the
     sampled-token log-prob and the teacher's top-k. vLLM cannot return log-probs at arbitrary ids, the entropy or
-    hidden states, so objectives that need them are refused up front (``opdkit.loss.check_teacher_supports``).
+    hidden states, so objectives that need them are refused up front (``opdkit.objectives.check_teacher_supports``).
     """
 
     capabilities = frozenset({"sampled", "topk"})

@@ -30,7 +30,7 @@ from ..config import ConfigError, _help
 from ..data import DatasetError, row_label
 from ..evaluation import decode_responses
 from ..models import eos_token_ids, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
-from ..rollout import sample
+from ..engines.hf_rollout import sample
 from ..tracking import console
 from .common import ModelConfig, Progress, PromptsConfig, SamplingConfig, load_recipe_prompts, write_json, write_rows
 from .rollout import slot_seed

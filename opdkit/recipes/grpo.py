@@ -5,7 +5,7 @@ command is ``opdkit distill`` with different defaults (``GRPO_DEFAULTS``); every
 Per step: ``rollout.prompts_per_step`` prompts × ``rollout.n`` samples (default 8, as the paper's GRPO teacher);
 each response gets reward 1 if its explicit final answer (``\\boxed{}`` or ``Answer:`` line) matches the
 reference under math-verify, else 0; the advantage of a response is its reward minus its group's mean, divided
-by the group's standard deviation (``objectives.group_advantages``: a group whose rewards are all equal has
+by the group's standard deviation (``losses.group_advantages``: a group whose rewards are all equal has
 advantage 0 and teaches nothing); the loss is −A(y)·ρ_t averaged over all response tokens of the step
 (token-mean), with ρ_t ≡ 1 because each rollout gets one update (on-policy, as in the paper's scripts).
 

@@ -40,8 +40,7 @@ from ..config import AUTO_DTYPE_HELP, ConfigError, Dtype, OptimConfig, _help, du
 from ..loop import LoopSettings, TrainingLoop, prepare_run_dir
 from ..data import DatasetError, PromptSampler, _check_messages, _lookup, read_rows, row_label
 from ..models import DTYPES, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
-from ..scoring import decoder_and_head
-from ..student import StudentHead
+from ..lm import HeadProjection, decoder_and_head
 from ..tracking import console
 from ..train import make_optimizer
 from ..hardware import configure_threads
@@ -182,7 +181,7 @@ def collate(rows: list[list[Sequence]], pad_id: int, packed: bool) -> Batch:
 # --------------------------------------------------------------------------------------------------
 
 
-def _chunk_nll(head: StudentHead, hidden: torch.Tensor, targets: torch.Tensor):
+def _chunk_nll(head: HeadProjection, hidden: torch.Tensor, targets: torch.Tensor):
     logits = head(hidden)
     nll = F.cross_entropy(logits, targets, reduction="sum")
     with torch.no_grad():
@@ -207,7 +206,7 @@ def sft_loss(model, batch: Batch, *, vocab_size: int, chunk_size: int = 1024,
     select = batch.trained[:, 1:].to(device)
     flat_h = hidden[:, :-1][select]
     flat_t = batch.input_ids[:, 1:].to(device)[select]
-    head = StudentHead(model, vocab_size, torch.float32)
+    head = HeadProjection(model, vocab_size, dtype=torch.float32, trainable=True)
     total = hidden.sum() * 0.0  # keeps the graph connected when nothing is trained
     correct = 0
     for start in range(0, flat_h.shape[0], chunk_size):

@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..config import ConfigError, DistillConfig, dump_yaml, load_config, to_dict
 from ..recipes.common import write_rows

@@ -7,7 +7,6 @@ zoo, the probe-vs-outcome table and figures, from the cached run summaries, zoo 
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 from ..plots import plot_curves

@@ -253,7 +253,7 @@ def greedy_metrics(model_dir: Path, prompts: Path, threads: int | None = 1, max_
                    dtype: str = "auto") -> dict:
     """``opdkit.evaluation.evaluate``'s greedy metrics (eval/accuracy, eval/answered, eval/len_mean) of a model."""
     from ..hardware import configure_threads, fast_bf16
-    from ..rollout import HFRolloutEngine
+    from ..engines.hf_rollout import HFRolloutEngine
 
     configure_threads(threads)
     tok = load_tokenizer(model_dir)

@@ -1,71 +1,21 @@
-"""Rollout: the student samples its own responses.
+"""The HF rollout engine (``rollout.engine=hf``): the student samples its own responses.
 
 ``sample`` is a batched decode loop with a KV cache. Besides the tokens it records, at every response
 position, the student's top-k ids (the set S^p_t of the paper, ranked by the untempered logits) and the
 log-prob of the sampled token under the sampling distribution, so teacher scoring and the loss need no
-extra student forward.
-
-Engines sit behind one small interface (``RolloutEngine``) chosen by ``rollout.engine``: ``hf`` (this file)
-and ``vllm`` (``opdkit.engines.vllm_engine``).
+extra student forward. ``HFRolloutEngine`` samples with a copy of the student; ``GatheredRolloutEngine`` with a
+full copy of an FSDP-sharded student.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from .noise import noise_keys, row_uniforms, sample_with_uniforms
-
-
-@dataclass
-class Rollout:
-    """Student samples for one step: B rows = prompts × n, T = longest response in the batch.
-
-    Attributes:
-        prompt_ids: per row, the student-rendered prompt token ids.
-        response_ids: (B, T) long, right-padded with ``pad_id`` after the end of each response.
-        response_mask: (B, T) bool, True for response tokens up to and including the first EOS.
-        sampling_logp: (B, T) float, log-prob of each sampled token under the sampling distribution.
-        topk_ids: (B, T, k) long, the student's top-k ids at each position (None if k = 0).
-        truncated: (B,) bool, True where no EOS came within ``max_new_tokens``.
-        example_index: per row, the index of its prompt in the prompt set.
-        group_size: responses per prompt (consecutive rows share a prompt).
-    """
-
-    prompt_ids: list[list[int]]
-    response_ids: torch.Tensor
-    response_mask: torch.Tensor
-    sampling_logp: torch.Tensor
-    topk_ids: torch.Tensor | None
-    truncated: torch.Tensor
-    example_index: list[int] = field(default_factory=list)
-    group_size: int = 1
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids)
-
-    def select(self, rows: list[int] | slice) -> "Rollout":
-        idx = list(range(len(self)))[rows] if isinstance(rows, slice) else rows
-        t = torch.tensor(idx, dtype=torch.long)
-        return Rollout(
-            [self.prompt_ids[i] for i in idx], self.response_ids[t], self.response_mask[t], self.sampling_logp[t],
-            None if self.topk_ids is None else self.topk_ids[t], self.truncated[t],
-            [self.example_index[i] for i in idx] if self.example_index else [], self.group_size)
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, P) ids and attention mask with every sequence right-aligned."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids, mask
+from ..lm import is_peft, left_pad, merged_state
+from ..noise import noise_keys, row_uniforms, sample_with_uniforms
+from .base import Rollout, RolloutEngine
 
 
 def response_mask_from_eos(tokens: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,26 +81,9 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
         response_ids (B, T), response_mask (B, T), sampling_logp (B, T), topk_ids (B, T, k) or None,
         truncated (B,).
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     B = len(prompts)
-    uniq, expand = unique_prompts(prompts) if share_prefill else (prompts, torch.arange(B))
-    ids, attn = left_pad(uniq, pad_id)
-    ids, attn = ids.to(device), attn.to(device)
-    position = (attn.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    # An index tensor, not the int 1: HF slices hidden[:, -1:] for an int, and torch's CPU matmul on that strided
-    # (B, 1, H) view expands the head weight to (B, H, V) and copies it (430 MB and 1.4 s for SmolLM2 at B = 8).
-    last = torch.tensor([ids.shape[1] - 1], device=device)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position, past_key_values=cache,
-                use_cache=True, logits_to_keep=last)
-    step_logits = out.logits[:, -1]
-    if len(uniq) != B:
-        rows = expand.to(device)
-        select_cache_rows(cache, rows)
-        attn, position, step_logits = attn[rows], position[rows], step_logits[rows]
-    next_pos = position[:, -1:] + 1
+    cache, attn, next_pos, step_logits = _prefill(model, prompts, pad_id, share_prefill, device)
     eos = torch.tensor(eos_ids, device=device)
     if seeds is None:
         seeds = torch.randint(0, 2**62, (B,)).tolist()
@@ -174,13 +107,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
             if tops is None:
                 tops = torch.zeros((B, max_new_tokens, top.shape[-1]), dtype=torch.long, device=device)
             tops[alive, t] = top
-        if greedy:
-            tok = logits.argmax(-1)
-            logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-        else:
-            logprobs = torch.log_softmax(filter_top_p(logits / temperature, top_p), -1)
-            tok = sample_with_uniforms(logprobs, noise[alive, t])
-            logp = logprobs.gather(-1, tok[:, None]).squeeze(-1)
+        tok, logp = _next_token(logits, None if greedy else noise[alive, t], temperature, top_p)
         tok = torch.where(decoding, tok, torch.full_like(tok, pad_id))
         tokens[alive, t] = tok
         logps[alive, t] = torch.where(decoding, logp, torch.zeros_like(logp))
@@ -200,12 +127,53 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
                     use_cache=True)
         step_logits = out.logits[:, -1]
         next_pos = next_pos + 1
-    response = tokens[:, :steps].cpu()
+    return _trimmed(tokens[:, :steps].cpu(), logps, tops if topk else None, eos_ids)
+
+
+def _prefill(model, prompts: list[list[int]], pad_id: int, share_prefill: bool, device: torch.device):
+    """The prompts' KV cache, attention mask (B, P), next positions (B, 1) and last logits (B, V), one row per
+    prompt; with ``share_prefill`` each distinct prompt runs once and its cache is copied to its rows."""
+    from transformers import DynamicCache
+
+    B = len(prompts)
+    uniq, expand = unique_prompts(prompts) if share_prefill else (prompts, torch.arange(B))
+    ids, attn = left_pad(uniq, pad_id)
+    ids, attn = ids.to(device), attn.to(device)
+    position = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    # An index tensor, not the int 1: HF slices hidden[:, -1:] for an int, and torch's CPU matmul on that strided
+    # (B, 1, H) view expands the head weight to (B, H, V) and copies it (430 MB and 1.4 s for SmolLM2 at B = 8).
+    last = torch.tensor([ids.shape[1] - 1], device=device)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position, past_key_values=cache,
+                use_cache=True, logits_to_keep=last)
+    step_logits = out.logits[:, -1]
+    if len(uniq) != B:
+        rows = expand.to(device)
+        select_cache_rows(cache, rows)
+        attn, position, step_logits = attn[rows], position[rows], step_logits[rows]
+    return cache, attn, position[:, -1:] + 1, step_logits
+
+
+def _next_token(logits: torch.Tensor, uniforms: torch.Tensor | None, temperature: float, top_p: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token (B,) and its log-prob (B,) from logits (B, V): greedy when ``uniforms`` is None, else sampled
+    at ``temperature`` within ``top_p`` with the rows' noise."""
+    if uniforms is None:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    logprobs = torch.log_softmax(filter_top_p(logits / temperature, top_p), -1)
+    tok = sample_with_uniforms(logprobs, uniforms)
+    return tok, logprobs.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def _trimmed(response: torch.Tensor, logps: torch.Tensor, tops: torch.Tensor | None, eos_ids: list[int]):
+    """``sample``'s outputs from the decoded (B, steps) tokens, cut after the last column any row still used."""
+    steps = response.shape[1]
     mask, ended = response_mask_from_eos(response, eos_ids)
     width = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else steps  # columns after every row ended
     response, mask = response[:, :width], mask[:, :width]
     sampling_logp = logps[:, :width].cpu().masked_fill(~mask, 0.0)
-    topk_ids = tops[:, :width].cpu() if topk else None
+    topk_ids = tops[:, :width].cpu() if tops is not None else None
     return response, mask, sampling_logp, topk_ids, ~ended
 
 
@@ -214,15 +182,7 @@ def row_seeds(seed: int, offset: int, count: int) -> list[int]:
     return [(seed * 2_654_435_761 + (offset + i) * 97_531 + 1) % (2**63 - 1) for i in range(count)]
 
 
-class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, topk: int, seed: int, greedy: bool = False,
-                 example_index: list[int] | None = None, row_offset: int = 0, min_new_tokens: int = 0) -> Rollout: ...
-
-    def sync_weights(self, student) -> None: ...
-
-
-class HFRolloutEngine:
+class HFRolloutEngine(RolloutEngine):
     """Samples with a copy of the student in ``sampling_dtype`` (bf16 halves decode time on CPU).
 
     The copy shares nothing with the trained weights; ``sync_weights`` copies them over after each optimizer
@@ -233,7 +193,7 @@ class HFRolloutEngine:
                  vocab_size: int | None = None, share_prefill: bool = True, compact: bool = True):
         self.eos_ids, self.pad_id, self.vocab_size = eos_ids, pad_id, vocab_size
         self.share_prefill, self.compact = share_prefill, compact
-        if hasattr(student, "get_base_model"):
+        if is_peft(student):
             # LoRA: sample with a plain model holding the merged weights (names match merged_state_dict), built
             # in sampling_dtype; a deep copy of the fp32 PEFT model before merging would peak at 2x the base.
             self.model = _empty_like_base(student, sampling_dtype)
@@ -248,7 +208,7 @@ class HFRolloutEngine:
     def sync_weights(self, student) -> None:
         if self.model is student:
             return
-        source = _merged_state(student)
+        source = merged_state(student)
         target = self.model.state_dict()
         for name, tensor in source.items():
             target[name].copy_(tensor)
@@ -301,16 +261,23 @@ def _empty_like_base(peft_model, dtype: torch.dtype):
     return model
 
 
-def _unwrap_peft(model):
-    """The plain transformers model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+class GatheredRolloutEngine(RolloutEngine):
+    """The HF sampler on a full copy of the student, refreshed from the shards after each optimizer step.
 
+    Sampling then needs no collectives, so ranks may stop decoding at different lengths.
+    """
 
-@torch.no_grad()
-def _merged_state(model) -> dict[str, torch.Tensor]:
-    """State dict of the model as plain transformers weights, with LoRA deltas merged in when present."""
-    if not hasattr(model, "get_base_model"):
-        return model.state_dict()
-    from .lora import merged_state_dict
+    def __init__(self, plain, *, eos_ids: list[int], pad_id: int, vocab_size: int | None):
+        self.inner = HFRolloutEngine(plain, eos_ids=eos_ids, pad_id=pad_id,
+                                     sampling_dtype=next(plain.parameters()).dtype, vocab_size=vocab_size)
+        self.model = self.inner.model
 
-    return merged_state_dict(model)
+    @torch.no_grad()
+    def sync_weights(self, student) -> None:
+        target = dict(self.model.named_parameters())
+        for name, param in student.named_parameters():
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param
+            target[name].copy_(full)
+
+    def generate(self, *args, **kwargs):
+        return self.inner.generate(*args, **kwargs)
