@@ -26,7 +26,6 @@ pair before training, and the report compares its verdict with the outcome. Deri
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -38,6 +37,7 @@ from ..config import ConfigError, DistillConfig, dump_yaml, load_config, to_dict
 from ..recipes.common import write_rows
 from ..tracking import console, read_metrics
 from .experiments import Experiment, summarise
+from .zoo import ZooPaths, link_member
 
 BASE = "smollm2-135m-instruct"
 ALPACA_TEMPLATE = (
@@ -124,8 +124,8 @@ REAL_EXTRAS: tuple[Experiment, ...] = (
 # The CI-sized variant: the headline only (OPD from the RL-improved teacher raises held-out accuracy), one seed.
 REAL_QUICK: dict = {
     "seeds": 1, "probe": False, "experiments": ["new_capability"],
-    "zoo": {"heldout": 64, "grpo_steps": 15, "grpo_prompts_per_step": 4, "grpo_lr": 2e-5},
-    "opd": {"steps": 10, "prompts_per_step": 4},
+    "zoo": {"heldout": 64, "grpo_steps": 10, "grpo_prompts_per_step": 4, "grpo_lr": 2e-5},
+    "opd": {"steps": 8, "prompts_per_step": 4},
 }
 DEPENDS = {"rl": ("base",), "rl_B": ("rl",), "base_coldB": ("base", "rl_B"), "rl_alpaca": ("rl",),
            "pruned": ("base",)}
@@ -152,25 +152,19 @@ def pattern_b(response: str) -> str | None:
     return f"Adding {a} and {b} gives {c}. The final answer is \\boxed{{{c}}}."
 
 
-class RealZoo:
+class RealZoo(ZooPaths):
     """The real study's models and prompt files under ``root``; ``build()`` makes whatever is missing."""
 
     def __init__(self, root: str | Path, cfg: RealZooConfig, threads: int | None = None):
-        self.root, self.cfg, self.threads = Path(root), cfg, threads
+        super().__init__(root)
+        self.cfg, self.threads = cfg, threads
 
     def model(self, name: str) -> Path:
         if name == "base":
             from ..models import resolve_model_path
 
             return Path(resolve_model_path(BASE))
-        return self.root / name / "final_model"
-
-    def data(self, name: str) -> Path:
-        return self.root / "data" / f"{name}.jsonl"
-
-    def card(self, name: str) -> dict:
-        path = self.root / name / "card.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return super().model(name)
 
     def write_data(self) -> None:
         from ..recipes.prompts import ArithmeticConfig, arithmetic_rows
@@ -193,13 +187,14 @@ class RealZoo:
         c = self.cfg
         cfg = grpo_config(None, [
             f"student.path={self.model('base')}", f"data.train={self.data('train_arith')}",
-            f"data.eval={self.data('eval_arith')}", f"eval.prompts={c.heldout}",
+            # the card measures the held-out accuracy of base and rl; the GRPO run itself need not
+            f"data.eval={self.data('eval_arith')}", "eval.prompts=0",
             f"eval.max_new_tokens={c.max_new_tokens}", "eval.batch_size=32",
             f"rollout.prompts_per_step={c.grpo_prompts_per_step}", f"rollout.n={c.grpo_n}",
             f"rollout.max_new_tokens={c.max_new_tokens}", f"optim.lr={c.grpo_lr}", f"run.steps={c.grpo_steps}",
             f"optim.micro_batch_size={c.grpo_prompts_per_step * c.grpo_n}", "run.log_samples=1"] + self._common("rl"))
         summary = Distiller(cfg).run()
-        _link(self.root / "rl" / "run" / "final_model", self.model("rl"))
+        link_member(self.root / "rl" / "run" / "final_model", self.model("rl"))
         return {"recipe": f"opdkit grpo, {c.grpo_steps} steps x {c.grpo_prompts_per_step} prompts x {c.grpo_n}, "
                           f"lr {c.grpo_lr}", "accuracy_before": summary.get("accuracy_before"),
                 "accuracy_after": summary.get("accuracy_after"), "wall_seconds": summary["wall_seconds"]}
@@ -229,7 +224,7 @@ class RealZoo:
             "run": {"out_dir": str(self.root / name / "run"), "max_steps": steps, "seed": c.seed,
                     "tensorboard": False, "progress": False, "threads": self.threads}})
         summary = SFTTrainer(cfg).run()
-        _link(self.root / name / "run" / "final_model", self.model(name))
+        link_member(self.root / name / "run" / "final_model", self.model(name))
         return {"recipe": f"opdkit sft from {init} on {data.name}, {steps} steps, lr {c.sft_lr}",
                 "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
                 "wall_seconds": summary["wall_seconds"]}
@@ -272,7 +267,7 @@ class RealZoo:
     def _pruned(self) -> dict:
         from ..demo import STUDENT_KEEP, pruned_student
 
-        _link(pruned_student(self.model("base"), STUDENT_KEEP), self.model("pruned"))
+        link_member(pruned_student(self.model("base"), STUDENT_KEEP), self.model("pruned"))
         return {"recipe": f"base with layers {sorted(set(range(30)) - set(STUDENT_KEEP))} dropped (the demo student)"}
 
     def build(self, members: tuple[str, ...]) -> dict:
@@ -329,12 +324,6 @@ class RealZoo:
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() or dst.is_symlink():
-        dst.unlink()
-    dst.symlink_to(os.path.relpath(src, dst.parent), target_is_directory=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,6 +464,7 @@ def run_real_study(cfg: RealStudyConfig, out: str | Path) -> dict:
     if any(e.name == "same_pipeline" for e in chosen):
         # The same-pipeline teacher's "higher score": the base model's avg@4 at T = 0.5 against T = 1.
         cards["base"].update({f"sampled_accuracy_T{t}": zoo.sampled_accuracy("base", t) for t in (1.0, 0.5)})
+        (zoo.root / "base" / "card.json").write_text(json.dumps(cards["base"], indent=1))
     zoo_seconds = time.perf_counter() - started
     probes = {e.name: run_probe_for(zoo, e, cfg.opd, out, cfg.threads) for e in chosen} if cfg.probe else {}
     probe_seconds = time.perf_counter() - started - zoo_seconds

@@ -129,7 +129,8 @@ def _long(r: Results, cards: dict, probes: dict) -> tuple[str, str]:
             f"{_f(q[1])} vs last {_f(q[4])}; per-token reverse KL q1 {_f(kl[1, 'start'])} → {_f(kl[1, 'end'])}, "
             f"q4 {_f(kl[4, 'start'])} → {_f(kl[4, 'end'])}; Prune-OPD truncate: "
             f"{fmt(r, p, 'seconds_per_step', 1)} vs {fmt(r, e, 'seconds_per_step', 1)} s/step, "
-            f"{fmt(r, p, 'rollout/tokens@sum', 0)} vs {fmt(r, e, 'rollout/tokens@sum', 0)} trained tokens")
+            f"{fmt(r, p, 'rollout/tokens@sum', 0)} vs {fmt(r, e, 'rollout/tokens@sum', 0)} trained tokens, pruned fraction "
+            f"{fmt(r, p, 'prune/pruned_frac@mean', 3)} (threshold 0.5: it prunes only where the overlap stays below it)")
     if None in (q[1], q[4], kl[1, "start"], kl[4, "start"], kl[1, "end"], kl[4, "end"]):
         return ours, "not run"
     drop1 = (kl[1, "start"] - kl[1, "end"]) / kl[1, "start"]

@@ -104,13 +104,11 @@ PROMPT_SETS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-class Zoo:
-    """Paths of the zoo's data and models under ``root``; ``build()`` trains whatever is missing."""
+class ZooPaths:
+    """Where a zoo keeps its members (``ROOT/<name>/final_model`` and ``card.json``) and prompt files."""
 
-    def __init__(self, root: str | Path, cfg: ZooConfig):
+    def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.cfg = cfg
-        self.tokenizer = task.word_tokenizer()
 
     def model(self, name: str) -> Path:
         return self.root / name / "final_model"
@@ -121,6 +119,15 @@ class Zoo:
     def card(self, name: str) -> dict:
         path = self.root / name / "card.json"
         return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class Zoo(ZooPaths):
+    """The toy study's zoo under ``root``; ``build()`` trains whatever is missing."""
+
+    def __init__(self, root: str | Path, cfg: ZooConfig):
+        super().__init__(root)
+        self.cfg = cfg
+        self.tokenizer = task.word_tokenizer()
 
     # -- data ---------------------------------------------------------------------------------------
 
@@ -162,7 +169,7 @@ class Zoo:
             "run": {"out_dir": str(self.root / name / "sft"), "max_steps": steps, "seed": c.seed,
                     "tensorboard": False, "progress": False, "threads": c.threads}})
         summary = SFTTrainer(cfg, model=load_causal_lm(init, "float32"), tokenizer=self.tokenizer).run()
-        _link_final(self.root / name / "sft" / "final_model", self.model(name))
+        link_member(self.root / name / "sft" / "final_model", self.model(name))
         return {"recipe": "sft", "data": str(data), "steps": steps, "first_loss": summary["first_loss"],
                 "last_loss": summary["last_loss"], "wall_seconds": summary["wall_seconds"]}
 
@@ -180,7 +187,7 @@ class Zoo:
             "run.progress=false", f"run.threads={c.threads}", f"run.out_dir={self.root / 'S_RL' / 'grpo'}",
             "optim.micro_batch_size=64"])
         summary = Distiller(cfg).run()
-        _link_final(self.root / "S_RL" / "grpo" / "final_model", self.model("S_RL"))
+        link_member(self.root / "S_RL" / "grpo" / "final_model", self.model("S_RL"))
         return {"recipe": "grpo", "steps": c.grpo_steps, "accuracy_before": summary.get("accuracy_before"),
                 "accuracy_after": summary.get("accuracy_after"), "wall_seconds": summary["wall_seconds"]}
 
@@ -234,10 +241,11 @@ class Zoo:
         return cards
 
 
-def _link_final(src: Path, dst: Path) -> None:
+def link_member(src: Path, dst: Path) -> None:
     """``dst`` -> ``src`` as a relative link, so a zoo directory can be moved or copied whole."""
     import os
 
+    dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists() or dst.is_symlink():
         dst.unlink()
     dst.symlink_to(os.path.relpath(src, dst.parent), target_is_directory=True)
