@@ -260,7 +260,8 @@ class RealZoo(ZooPaths):
         tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
         tok_cfg["chat_template"] = ALPACA_TEMPLATE
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
-        (src / "chat_template.jinja").exists() and (tmp / "chat_template.jinja").unlink()
+        if (tmp / "chat_template.jinja").is_symlink():  # a template file would win over tokenizer_config's
+            (tmp / "chat_template.jinja").unlink()
         tmp.rename(out)
         return {"recipe": "rl's weights with an Alpaca chat template (### Instruction / ### Response)"}
 
