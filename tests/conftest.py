@@ -91,3 +91,14 @@ def tiny_overrides(dirs, prompts, out, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_distiller(dirs, prompts, out, **extra):
+    """A Distiller on the tiny pair with the settings the training and reliability tests share (fp32, lr 1e-2,
+    n = 2, no evaluation); ``extra`` overrides any of them."""
+    from opdkit.config import DistillConfig, load_config
+    from opdkit.train import Distiller
+
+    return Distiller(load_config(DistillConfig, None, tiny_overrides(dirs, prompts, out, **{
+        "eval.prompts": 0, "optim.lr": 1e-2, "student.compute_dtype": "float32", "student.sampling_dtype": "float32",
+        "rollout.n": 2, **extra})))

@@ -11,11 +11,11 @@ import torch
 from opdkit import loop as loop_mod
 from opdkit import train as train_mod
 from opdkit.checkpoint import latest_checkpoint, save_checkpoint
-from opdkit.config import ConfigError, DistillConfig, load_config
+from opdkit.config import ConfigError, load_config
 from opdkit.engines.server import ServerError
 from opdkit.tiny import save_tiny, tiny_llama
 from opdkit.train import Distiller, TrainingDiverged
-from tests.conftest import addition_rows, tiny_overrides, write_jsonl
+from tests.conftest import addition_rows, tiny_distiller, tiny_overrides, write_jsonl
 
 STEPS = 4
 
@@ -26,10 +26,7 @@ def prompts(tmp_path_factory):
 
 
 def make(dirs, prompts, out, **extra) -> Distiller:
-    cfg = load_config(DistillConfig, None, tiny_overrides(dirs, prompts, out, **{
-        "eval.prompts": 0, "optim.lr": 1e-2, "student.compute_dtype": "float32", "student.sampling_dtype": "float32",
-        "rollout.n": 2, "run.steps": STEPS, **extra}))
-    return Distiller(cfg)
+    return tiny_distiller(dirs, prompts, out, **{"run.steps": STEPS, **extra})
 
 
 def params(model) -> torch.Tensor:

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from opdkit.checkpoint import latest_checkpoint
-from opdkit.config import DistillConfig, load_config
 from opdkit.objectives import ReverseKL
 from opdkit.student import TeacherLogits, student_forward
 from opdkit.tiny import save_tiny, tiny_llama
 from opdkit.train import Distiller, TrainingDiverged
-from tests.conftest import addition_rows, tiny_overrides, write_jsonl
+from tests.conftest import addition_rows, tiny_distiller, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +31,7 @@ def prompts(tmp_path_factory):
 
 
 def make(dirs, prompts, out, **extra) -> Distiller:
-    cfg = load_config(DistillConfig, None, tiny_overrides(dirs, prompts, out, **{
-        "eval.prompts": 0, "optim.lr": 1e-2, "student.compute_dtype": "float32", "student.sampling_dtype": "float32",
-        "rollout.n": 2, "optim.micro_batch_size": 8, **extra}))
-    return Distiller(cfg)
+    return tiny_distiller(dirs, prompts, out, **{"optim.micro_batch_size": 8, **extra})
 
 
 def exact_reverse_kl(d: Distiller, rollout) -> float:
