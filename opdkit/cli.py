@@ -59,6 +59,7 @@ COMMAND_CONFIGS = {
     "prompts-arithmetic": ("opdkit.recipes.prompts", "ArithmeticConfig"),
     "probe": ("opdkit.probe", "ProbeConfig"),
     "study": ("opdkit.study.run", "StudyConfig"),
+    "study-real": ("opdkit.study.real", "RealStudyConfig"),  # opdkit study --real
 }
 
 

@@ -13,6 +13,7 @@ outside a ``Literal`` choice are errors that name the key and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -40,22 +41,54 @@ AUTO_DTYPE_HELP = "; auto: bfloat16 where this device computes it natively and f
 
 
 # --------------------------------------------------------------------------------------------------
-# Stage configs, in the order a training step uses them.
+# The shared vocabulary. Every command's sections are these types or extend them, so a key means the same thing
+# in distill, grpo, sft, rollout, eval and probe: ``student``/``teacher``/``model`` are model sections,
+# ``data`` a data section, ``rollout`` a sampling section, ``optim`` and ``run`` the same everywhere.
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class StudentConfig:
-    path: str = _help("HF model directory, .gguf file or bundled name of the student", default="")
+class ModelConfig:
+    """Every model section (``student``, ``teacher``, ``model``): where the model is and where it runs.
+
+    A section given as a plain string is its path: ``teacher=smollm2-135m-instruct``.
+    """
+
+    path: str = _help("HF model directory, .gguf file or bundled name (e.g. smollm2-135m-instruct)", default="")
+    device: str = _help("device the model runs on (cpu, cuda, cuda:1)", default="cpu")
+
+    def validate(self, section: str = "model") -> None:
+        if not self.path:
+            raise ConfigError(f"{section}.path is required: a local HF model directory, a .gguf file or a "
+                              f"bundled name such as smollm2-135m-instruct")
+        _check_device(f"{section}.device", self.device)
+
+
+@dataclass
+class FrozenModelConfig(ModelConfig):
+    """A model the command runs without training it (the teacher; the model of rollout, eval, bench)."""
+
+    dtype: Dtype = _help("dtype of the weights" + AUTO_DTYPE_HELP, default="auto")
+
+
+@dataclass
+class TrainedModelConfig(ModelConfig):
+    """A model the command trains (``opdkit sft``'s model; the base of the OPD student)."""
+
     param_dtype: Dtype = _help("dtype of the trained (master) weights; auto: float32", default="auto")
     compute_dtype: Dtype = _help("autocast dtype of the training forward" + AUTO_DTYPE_HELP, default="auto")
+    gradient_checkpointing: bool = _help("recompute decoder activations in backward to save memory", default=False)
+
+
+@dataclass
+class StudentConfig(TrainedModelConfig):
+    path: str = _help("HF model directory, .gguf file or bundled name of the student", default="")
     sampling_dtype: Dtype = _help(
         "dtype of the sampling copy of the student, re-synced after every optimizer step" + AUTO_DTYPE_HELP,
         default="auto")
     head_dtype: Dtype = _help(
         "dtype of the student's vocabulary projection in training (log-softmax is always float32); auto: float32",
         default="auto")
-    gradient_checkpointing: bool = _help("recompute decoder activations in backward to save memory", default=False)
     packed: bool = _help("training forward/backward over the rows packed without padding (per-row attention)",
                          default=True)
     lora_rank: int = _help("train LoRA adapters of this rank (PEFT) instead of all weights; 0 = full training",
@@ -63,34 +96,37 @@ class StudentConfig:
     lora_alpha: float = _help("LoRA alpha", default=16.0)
     lora_target_modules: list = _help("module names LoRA adapts", default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    device: str = _help("device of the student (cpu, cuda, cuda:1)", default="cpu")
 
 
 @dataclass
-class TeacherConfig:
+class ScoringTeacherConfig(FrozenModelConfig):
+    """What every teacher section has: how the teacher reads and scores the student's responses."""
+
     path: str = _help("HF model directory, .gguf file or bundled name of the teacher", default="")
-    engine: Literal["hf", "vllm", "server"] = _help(
-        "hf: local transformers model; vllm: in-process vLLM; server: OpenAI-compatible server (teacher.url)",
-        default="hf")
-    url: Optional[str] = _help("base URL of a served teacher, e.g. http://127.0.0.1:8000/v1", default=None)
-    served_model: Optional[str] = _help("model name the server expects (default: first model it lists)",
-                                        default=None)
-    dtype: Dtype = _help("dtype of the teacher weights" + AUTO_DTYPE_HELP, default="auto")
-    head_dtype: Dtype = _help(
-        "dtype of the teacher's vocabulary projection; float32 avoids bf16 quantisation of log-ratios; auto: float32",
-        default="auto")
     temperature: float = _help("teacher logits are divided by this before the softmax", default=1.0)
     chat_template: Literal["student", "own"] = _help(
         "student: teacher sees the student's rendered prompt; own: the prompt is re-rendered with the "
         "teacher's chat template and the student's response tokens appended", default="student")
     chat_template_kwargs: dict = _help("extra arguments for the teacher's chat template (with chat_template=own)",
                                        default_factory=dict)
+
+
+@dataclass
+class TeacherConfig(ScoringTeacherConfig):
+    engine: Literal["hf", "vllm", "server"] = _help(
+        "hf: local transformers model; vllm: in-process vLLM; server: OpenAI-compatible server (teacher.url)",
+        default="hf")
+    url: Optional[str] = _help("base URL of a served teacher, e.g. http://127.0.0.1:8000/v1", default=None)
+    served_model: Optional[str] = _help("model name the server expects (default: first model it lists)",
+                                        default=None)
+    head_dtype: Dtype = _help(
+        "dtype of the teacher's vocabulary projection; float32 avoids bf16 quantisation of log-ratios; auto: float32",
+        default="auto")
     chunk_size: int = _help("positions per chunk of the teacher's vocabulary projection", default=1024)
     batch_size: int = _help("sequences per teacher forward when scoring a rollout (bounds activation memory)",
                             default=16)
     packed: bool = _help("hf: score the rows packed without padding in one decoder pass (per-row attention)",
                          default=True)
-    device: str = _help("device of the teacher (cpu, cuda, cuda:1)", default="cpu")
     route: dict = _help("several teachers: {value of data.route_column: teacher path}", default_factory=dict)
     timeout: float = _help("seconds per request to a served teacher", default=120.0)
     max_retries: int = _help("retries with exponential backoff for a served teacher", default=4)
@@ -103,36 +139,64 @@ class TeacherConfig:
 
 
 @dataclass
-class DataConfig:
-    train: str = _help("prompt file: .jsonl or .parquet", default="")
-    eval: Optional[str] = _help("held-out prompt file; default: the last eval.prompts rows of data.train",
-                                default=None)
+class DataFileConfig:
+    """Every data section: the file, how its columns map to opdkit's fields, and how rows are rendered."""
+
+    train: str = _help("training file: .jsonl or .parquet", default="")
     columns: dict = _help(
-        "map opdkit fields (prompt, messages, answer, source) to dataset columns, e.g. {prompt: problem}",
-        default_factory=dict)
-    prompt_suffix: str = _help("text appended to every user prompt (e.g. an answer-format instruction)",
-                               default="")
+        "map opdkit fields (prompt, messages, answer, source; sft: messages, prompt, response) to dataset "
+        "columns, e.g. {prompt: problem}", default_factory=dict)
     system_prompt: Optional[str] = _help("system message prepended to every conversation", default=None)
     chat_template_kwargs: dict = _help("extra arguments for the chat template, e.g. {enable_thinking: false}",
                                        default_factory=dict)
+    limit: Optional[int] = _help("use only the first N rows of data.train", default=None)
+
+
+@dataclass
+class PromptDataConfig(DataFileConfig):
+    """A data section of prompts (distill, grpo, rollout, eval, probe)."""
+
+    train: str = _help("prompt file: .jsonl or .parquet (plain prompts, chat messages or verl rows)", default="")
+    prompt_suffix: str = _help("text appended to every user prompt (e.g. an answer-format instruction)",
+                               default="")
     max_prompt_length: int = _help("prompts longer than this many tokens are skipped or rejected", default=1024)
+
+
+@dataclass
+class DataConfig(PromptDataConfig):
+    eval: Optional[str] = _help("held-out prompt file; default: the last eval.prompts rows of data.train",
+                                default=None)
     long_prompts: Literal["skip", "error"] = _help("what to do with a prompt over max_prompt_length",
                                                    default="skip")
     shuffle: bool = _help("shuffle prompts each epoch (seeded by run.seed)", default=True)
-    limit: Optional[int] = _help("use only the first N rows of data.train", default=None)
     route_column: str = _help("column that selects a teacher when teacher.route is set", default="data_source")
 
 
 @dataclass
-class RolloutConfig:
-    engine: Literal["hf", "vllm"] = _help("hf: batched sampling with a KV cache in transformers; vllm: in-process vLLM",
-                                          default="hf")
-    prompts_per_step: int = _help("prompts sampled per optimizer step", default=8)
+class SamplingConfig:
+    """Every sampling section (``rollout`` in every command): what is sampled per prompt, and how."""
+
     n: int = _help("responses sampled per prompt", default=1)
     temperature: float = _help("sampling temperature (the paper trains at 1.0)", default=1.0)
     top_p: float = _help("nucleus sampling threshold", default=1.0)
     max_new_tokens: int = _help("maximum response length; longer responses are truncated and counted",
                                 default=64)
+
+    def validate(self, section: str = "rollout") -> None:
+        for key in ("n", "max_new_tokens"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{section}.{key} must be > 0, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{section}.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{section}.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class RolloutConfig(SamplingConfig):
+    engine: Literal["hf", "vllm"] = _help("hf: batched sampling with a KV cache in transformers; vllm: in-process vLLM",
+                                          default="hf")
+    prompts_per_step: int = _help("prompts sampled per optimizer step", default=8)
     min_new_tokens: int = _help("EOS is suppressed before this many tokens (fixed-length benchmarks)", default=0)
     share_prefill: bool = _help("hf: prefill each prompt once and copy its KV cache to its n samples", default=True)
     compact: bool = _help("hf: drop rows that hit EOS from the decode batch (no decode work for finished rows)",
@@ -145,6 +209,19 @@ class RolloutConfig:
         "vLLM: largest mean abs log-prob difference between vLLM and the student on a probe text after a weight "
         "sync; catches a wrong or missing load (nats), not bf16 rounding (0.05-0.09 on the demo student)",
         default=0.5)
+
+
+@dataclass
+class BatchSamplingConfig(SamplingConfig):
+    """The ``rollout`` section of the commands that only sample (rollout, eval, probe): batches and seeds."""
+
+    batch_size: int = _help("sequences sampled together (KV-cache batch)", default=32)
+    seed: int = _help("base seed; every (prompt, slot, attempt) gets its own seed from it", default=0)
+
+    def validate(self, section: str = "rollout") -> None:
+        super().validate(section)
+        if self.batch_size <= 0:
+            raise ConfigError(f"{section}.batch_size must be > 0, got {self.batch_size}")
 
 
 @dataclass
@@ -203,11 +280,17 @@ class OptimConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalEveryConfig:
+    """Every eval section: how often the held-out measurement runs."""
+
+    every: int = _help("evaluate every N steps (0: only before and after training)", default=0)
+
+
+@dataclass
+class EvalConfig(EvalEveryConfig):
     prompts: int = _help("held-out prompts for periodic evaluation (0 disables)", default=32)
     max_new_tokens: int = _help("greedy response length at evaluation", default=64)
     batch_size: int = _help("prompts per evaluation batch", default=16)
-    every: int = _help("evaluate every N steps (0: only before and after training)", default=0)
 
 
 @dataclass
@@ -217,6 +300,8 @@ class DiagnosticsConfig:
 
 @dataclass
 class RunConfig:
+    """Every trainer's ``run`` section: where the run lives, how long it is, checkpoints and logging."""
+
     out_dir: str = _help("run directory (metrics, checkpoints, final model)", default="runs/distill")
     steps: int = _help("optimizer steps", default=50)
     seed: int = _help("base seed; per-step seeds are derived from it", default=0)
@@ -226,11 +311,15 @@ class RunConfig:
     resume_override: bool = _help("on resume, apply changed non-cadence keys (e.g. optim.lr) instead of "
                                   "refusing them; each change is recorded in config_history.jsonl",
                                   default=False)
-    log_samples: int = _help("rollouts written to samples.jsonl per step", default=2)
     tensorboard: bool = _help("write TensorBoard event files", default=True)
     threads: Optional[int] = _help("torch CPU threads (default: this process's share of the cores: all of them, "
                                    "or cores / LOCAL_WORLD_SIZE per rank under torchrun)", default=None)
     progress: bool = _help("show a progress bar", default=True)
+
+
+@dataclass
+class DistillRunConfig(RunConfig):
+    log_samples: int = _help("rollouts written to samples.jsonl per step", default=2)
     pipeline: Literal["sync", "one_step_off"] = _help(
         "sync: rollout, teacher scoring and training one after another; one_step_off: the rollout of step t+1 is "
         "sampled on a worker thread, from weights one optimizer step old, while step t is scored and trained "
@@ -261,7 +350,7 @@ class DistillConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: DistillRunConfig = field(default_factory=DistillRunConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
@@ -482,31 +571,69 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 # A dataclass renames a key by mapping old -> new names in a ``RENAMED`` class attribute; the old name is read
-# as the new one, with a deprecation warning, for one release.
+# as the new one, with a deprecation warning, for one release. Either side may be dotted, to move a key into
+# another section (``{"prompts": "data.train"}``).
 def renamed_keys(cls: type) -> dict[str, str]:
     return dict(getattr(cls, "RENAMED", {}))
 
 
-def _apply_renames(cls: type, data: dict, prefix: str) -> dict:
+def _parent(data: dict, dotted: str) -> tuple[dict | None, str]:
+    """The mapping that holds the last part of ``dotted`` (None if there is none), and that part."""
+    *parents, last = dotted.split(".")
+    node: Any = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), last
+
+
+def _has_dotted(data: dict, dotted: str) -> bool:
+    node, last = _parent(data, dotted)
+    return node is not None and last in node
+
+
+def _pop_dotted(data: dict, dotted: str) -> tuple[bool, Any]:
+    node, last = _parent(data, dotted)
+    return (True, node.pop(last)) if node is not None and last in node else (False, None)
+
+
+def _apply_renames(cls: type, data: dict, prefix: str, warn: bool = True) -> dict:
     renamed = renamed_keys(cls)
-    if not any(key in renamed for key in data):
+    if not any(_has_dotted(data, old) for old in renamed):
         return data
-    out = {}
-    for key, value in data.items():
-        new = renamed.get(key)
-        if new is None:
-            out[key] = value
+    out = copy.deepcopy(data)
+    for old, new in renamed.items():
+        found, value = _pop_dotted(out, old)
+        if not found:
             continue
-        if new in data:
-            raise ConfigError(f"'{prefix}{key}' is the old name of '{prefix}{new}': give only '{prefix}{new}'")
-        warnings.warn(f"config key '{prefix}{key}' is deprecated and will be removed in the next release: use "
-                      f"'{prefix}{new}'", FutureWarning, stacklevel=2)
-        out[new] = value
+        if _has_dotted(out, new):
+            raise ConfigError(f"'{prefix}{old}' is the old name of '{prefix}{new}': give only '{prefix}{new}'")
+        if warn:
+            warnings.warn(f"config key '{prefix}{old}' is deprecated and will be removed in the next release: use "
+                          f"'{prefix}{new}'", FutureWarning, stacklevel=2)
+        _set_dotted(out, new, value)
     return out
 
 
+def upgrade_keys(cls: type, data: dict, prefix: str = "") -> dict:
+    """``data`` (a saved config of ``cls``) with every old key name replaced by its new one, silently: a run
+    saved before a rename compares and resumes as if it had been saved after it."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    data = _apply_renames(cls, data, prefix, warn=False)
+    hints = typing.get_type_hints(cls)
+    return {k: upgrade_keys(hints[k], v, prefix + k + ".") if k in hints and dataclasses.is_dataclass(hints[k])
+            else v for k, v in data.items()}
+
+
+def _expand_paths(cls: type, data: dict) -> dict:
+    """A model section given as a plain string is its path: ``teacher=smollm2-135m-instruct``."""
+    hints = typing.get_type_hints(cls)
+    return {k: {"path": v} if isinstance(v, str) and k in hints and dataclasses.is_dataclass(hints[k])
+            and "path" in {f.name for f in dataclasses.fields(hints[k])} else v for k, v in data.items()}
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
-    data = _apply_renames(cls, data, prefix)
+    data = _apply_renames(cls, _expand_paths(cls, data), prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
@@ -525,6 +652,8 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = data
     for part in parts[:-1]:
+        if isinstance(node.get(part), str):  # a section given as its path, then one of its keys
+            node[part] = {"path": node[part]}
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{dotted}': '{part}' is not a section")
@@ -548,6 +677,11 @@ def parse_overrides(overrides: list[str]) -> dict:
 def deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
+        # A section given as a string is its path: it sets the path and keeps the section's other keys.
+        if isinstance(v, str) and isinstance(out.get(k), dict):
+            v = {"path": v}
+        elif isinstance(v, dict) and isinstance(out.get(k), str):
+            out[k] = {"path": out[k]}
         if isinstance(v, dict) and isinstance(out.get(k), dict) and v:
             out[k] = deep_merge(out[k], v)
         else:

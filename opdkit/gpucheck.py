@@ -480,13 +480,13 @@ def eval_and_rollout_recipes(ctx: Context) -> dict:
     out = ctx.root / "eval.json"
     code = main(["eval", "--limit", "4", f"model.path={d['student']}", f"model.device={ctx.device}",
                  f"benchmarks=[{{name: toy, path: {bench}, columns: {{prompt: problem, answer: solution}}}}]",
-                 "sampling.n=4", "sampling.max_new_tokens=32", "pass_k=[1, 2]", f"output={out}"])
+                 "rollout.n=4", "rollout.max_new_tokens=32", "pass_k=[1, 2]", f"output={out}"])
     expect(code == 0, f"opdkit eval exited {code}")
     toy = json.loads(out.read_text())["benchmarks"]["toy"]
     expect(toy["problems"] == 4 and toy["samples_per_problem"] == 4, f"eval report {toy}")
     rollout_out = ctx.root / "rollout.jsonl"
     code = main(["rollout", f"model.path={d['student']}", f"data.train={d['prompts']}", f"output.path={rollout_out}",
-                 "data.limit=2", f"model.device={ctx.device}", "sampling.max_new_tokens=8",
+                 "data.limit=2", f"model.device={ctx.device}", "rollout.max_new_tokens=8",
                  "filter.require_answer=false", "filter.drop_truncated=false", "filter.repetition_chars=0"])
     expect(code == 0, f"opdkit rollout exited {code}")
     rows = [json.loads(x) for x in rollout_out.read_text().splitlines()]

@@ -39,7 +39,7 @@ import yaml
 
 from .errors import UserError
 from .checkpoint import checkpoints_newest_first, remove_partial_writes, verify_checkpoint
-from .config import ConfigError, dump_yaml
+from .config import ConfigError, dump_yaml, upgrade_keys
 from .fsdp import all_ranks_true, clip_grad_norm, local_shards
 from .tracking import StepView, Tracker, console, format_metrics, read_metrics
 
@@ -360,6 +360,7 @@ class TrainingLoop:
         s, r = self.s, self.r
         saved_cfg = r.run_dir / "config.yaml"
         saved = yaml.safe_load(saved_cfg.read_text()) if saved_cfg.is_file() else None
+        saved = upgrade_keys(type(s.config), saved)  # a run saved under old key names resumes as saved
         new = yaml.safe_load(dump_yaml(s.config))
         changes = {} if saved is None else check_resume_config(saved, new, s.cadence_keys, s.resume_override)
         candidates = checkpoints_newest_first(r.run_dir)

@@ -35,7 +35,8 @@ import torch
 from . import losses
 from .answers import score_response
 from .compat import compare_special_tokens, compare_templates, think_fraction, thinking_support
-from .config import AUTO_DTYPE_HELP, ConfigError, Dtype, _help, load_config
+from .config import (AUTO_DTYPE_HELP, BatchSamplingConfig, ConfigError, Dtype, FrozenModelConfig, PromptDataConfig,
+                     ScoringTeacherConfig, _get, _help, load_config)
 from .data import Example, load_prompts, render_prompt
 from .diagnostics import (auroc, masked_mean, position_bins, sequence_mean_reward, topk_diagnostics,
                           windowed_diagnostics)
@@ -99,37 +100,56 @@ class ProbeThresholds:
 
 
 @dataclass
-class ProbeConfig:
-    RENAMED = {"samples_per_prompt": "n"}  # old names, read with a deprecation warning (n as in rollout.n)
+class ProbeStudentConfig(FrozenModelConfig):
+    path: str = _help("HF model directory, .gguf file or bundled name of the student", default="")
+    device: str = _help("the probe runs its models on the CPU (cpu)", default="cpu")
+    dtype: Dtype = _help("dtype of the student when scoring" + AUTO_DTYPE_HELP, default="auto")
+    sampling_dtype: Dtype = _help("dtype of the student's sampling copy" + AUTO_DTYPE_HELP, default="auto")
 
-    student: str = _help("student: HF model directory, .gguf file or bundled name", default="")
-    teacher: str = _help("teacher (HF model directory, .gguf file or bundled name)", default="")
-    teachers: list = _help("several candidate teachers to rank for the student", default_factory=list)
-    prompts: str = _help("prompt file (.jsonl/.parquet, the same schemas as distill's data.train)", default="")
-    n_prompts: int = _help("prompts sampled (seeded) from the file", default=32)
+
+@dataclass
+class ProbeTeacherConfig(ScoringTeacherConfig):
+    device: str = _help("the probe runs its models on the CPU (cpu)", default="cpu")
+
+
+@dataclass
+class ProbeDataConfig(PromptDataConfig):
+    limit: Optional[int] = _help("prompts drawn from data.train: a random subset seeded by rollout.seed (all: "
+                                 "null)", default=32)
+
+
+@dataclass
+class ProbeSamplingConfig(BatchSamplingConfig):
     n: int = _help("rollouts per prompt for each model", default=1)
-    max_new_tokens: int = _help("maximum response length", default=64)
     temperature: float = _help("sampling temperature of both models, and the student's scoring temperature",
                                default=1.0)
-    teacher_temperature: float = _help("teacher logits are divided by this when scoring (the paper: 1.0)",
-                                       default=1.0)
-    top_p: float = _help("nucleus sampling threshold", default=1.0)
-    k: int = _help("top-k size of the overlap diagnostics (the paper: 16)", default=16)
-    seed: int = _help("seed of the prompt sample and of sampling", default=0)
     batch_size: int = _help("rows per sampling/scoring batch", default=16)
-    columns: dict = _help("map opdkit fields to dataset columns, e.g. {prompt: problem}", default_factory=dict)
-    prompt_suffix: str = _help("text appended to every user prompt", default="")
-    system_prompt: Optional[str] = _help("system message prepended to every conversation", default=None)
-    chat_template_kwargs: dict = _help("extra arguments for the student's chat template", default_factory=dict)
-    max_prompt_length: int = _help("prompts longer than this are skipped", default=1024)
-    teacher_chat_template: Literal["student", "own"] = _help(
-        "student: the teacher reads the student's rendered prompt; own: its own template (as distill's "
-        "teacher.chat_template)", default="student")
-    teacher_chat_template_kwargs: dict = _help("extra arguments for the teacher's chat template",
-                                               default_factory=dict)
-    student_dtype: Dtype = _help("dtype of the student when scoring" + AUTO_DTYPE_HELP, default="auto")
-    sampling_dtype: Dtype = _help("dtype of the student's sampling copy" + AUTO_DTYPE_HELP, default="auto")
-    teacher_dtype: Dtype = _help("dtype of the teacher weights" + AUTO_DTYPE_HELP, default="auto")
+    seed: int = _help("seed of the prompt subset and of sampling", default=0)
+
+
+# The flat keys of the first probe config, each now the key of the shared vocabulary that means the same.
+PROBE_RENAMED = {
+    "samples_per_prompt": "rollout.n", "n": "rollout.n", "max_new_tokens": "rollout.max_new_tokens",
+    "temperature": "rollout.temperature", "top_p": "rollout.top_p", "seed": "rollout.seed",
+    "batch_size": "rollout.batch_size", "prompts": "data.train", "n_prompts": "data.limit",
+    "columns": "data.columns", "prompt_suffix": "data.prompt_suffix", "system_prompt": "data.system_prompt",
+    "chat_template_kwargs": "data.chat_template_kwargs", "max_prompt_length": "data.max_prompt_length",
+    "teacher_temperature": "teacher.temperature", "teacher_chat_template": "teacher.chat_template",
+    "teacher_chat_template_kwargs": "teacher.chat_template_kwargs", "student_dtype": "student.dtype",
+    "sampling_dtype": "student.sampling_dtype", "teacher_dtype": "teacher.dtype"}
+
+
+@dataclass
+class ProbeConfig:
+    RENAMED = PROBE_RENAMED  # old names, read with a deprecation warning
+
+    student: ProbeStudentConfig = field(default_factory=ProbeStudentConfig)
+    teacher: ProbeTeacherConfig = field(default_factory=ProbeTeacherConfig)
+    teachers: list = _help("several candidate teachers to rank for the student (paths; each scored with the "
+                           "teacher section's other keys)", default_factory=list)
+    data: ProbeDataConfig = field(default_factory=ProbeDataConfig)
+    rollout: ProbeSamplingConfig = field(default_factory=ProbeSamplingConfig)
+    k: int = _help("top-k size of the overlap diagnostics (the paper: 16; distill: objective.k)", default=16)
     chunk_size: int = _help("positions per chunk of the vocabulary projections", default=512)
     json: str = _help("write the result JSON here (default: print it to stdout)", default="")
     dump_rollouts: str = _help("write every rollout (token ids, per-token numbers) here as JSON lines",
@@ -139,21 +159,25 @@ class ProbeConfig:
 
     @property
     def teacher_list(self) -> list[str]:
-        return ([self.teacher] if self.teacher else []) + [str(t) for t in self.teachers]
+        return ([self.teacher.path] if self.teacher.path else []) + [str(t) for t in self.teachers]
 
     def validate(self) -> None:
-        if not self.student:
-            raise ConfigError("student is required (--student or student=PATH)")
+        if not self.student.path:
+            raise ConfigError("student.path is required (--student or student=PATH)")
         if not self.teacher_list:
             raise ConfigError("give a teacher (--teacher T) or several (--teachers T1 T2 ...)")
-        if not self.prompts:
-            raise ConfigError("prompts is required (--prompts FILE.jsonl)")
-        for key in ("n_prompts", "n", "max_new_tokens", "k", "batch_size", "chunk_size",
-                    "temperature", "teacher_temperature"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.data.train:
+            raise ConfigError("data.train is required (--prompts FILE.jsonl)")
+        for key in ("student.device", "teacher.device"):
+            if _get(self, key) != "cpu":
+                raise ConfigError(f"{key}={_get(self, key)!r}: opdkit probe runs its models on the CPU (the models "
+                                  f"are small enough to probe there); use {key}=cpu")
+        self.rollout.validate()
+        if self.data.limit is not None and self.data.limit <= 0:
+            raise ConfigError(f"data.limit must be > 0, got {self.data.limit}")
+        for key in ("k", "chunk_size", "teacher.temperature"):
+            if _get(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {_get(self, key)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -550,27 +574,27 @@ class TeacherRun:
 
 
 def _sample_examples(cfg: ProbeConfig, tokenizer) -> list[Example]:
-    examples = load_prompts(cfg.prompts, tokenizer, columns=cfg.columns, columns_option="columns",
-                            prompt_suffix=cfg.prompt_suffix,
-                            system_prompt=cfg.system_prompt, chat_template_kwargs=cfg.chat_template_kwargs,
-                            max_prompt_length=cfg.max_prompt_length).examples
-    if len(examples) <= cfg.n_prompts:
+    examples = load_prompts(cfg.data.train, tokenizer, columns=cfg.data.columns, columns_option="columns",
+                            prompt_suffix=cfg.data.prompt_suffix,
+                            system_prompt=cfg.data.system_prompt, chat_template_kwargs=cfg.data.chat_template_kwargs,
+                            max_prompt_length=cfg.data.max_prompt_length).examples
+    if cfg.data.limit is None or len(examples) <= cfg.data.limit:
         return examples
-    chosen = sorted(random.Random(cfg.seed).sample(range(len(examples)), cfg.n_prompts))
+    chosen = sorted(random.Random(cfg.rollout.seed).sample(range(len(examples)), cfg.data.limit))
     return [examples[i] for i in chosen]
 
 
 def _generate(model, prompts: list[list[int]], cfg: ProbeConfig, *, eos_ids: list[int], pad_id: int, topk: int,
               seed: int, vocab_size: int) -> Rollout:
     """``n`` responses per prompt, sampled in row batches (row seeds ignore the batching)."""
-    n = cfg.n
+    n = cfg.rollout.n
     rows = [p for p in prompts for _ in range(n)]
     index = [i for i in range(len(prompts)) for _ in range(n)]
     parts = []
-    for start in range(0, len(rows), cfg.batch_size):
-        batch = rows[start:start + cfg.batch_size]
-        parts.append(sample(model, batch, max_new_tokens=cfg.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                            temperature=cfg.temperature, top_p=cfg.top_p, topk=topk,
+    for start in range(0, len(rows), cfg.rollout.batch_size):
+        batch = rows[start:start + cfg.rollout.batch_size]
+        parts.append(sample(model, batch, max_new_tokens=cfg.rollout.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, topk=topk,
                             seeds=row_seeds(seed, start, len(batch)), vocab_size=vocab_size))
     resp, mask, logp, top = (pad_cat([p[j] for p in parts]) for j in range(4))
     return Rollout(rows, resp, mask, logp, top, torch.cat([p[4] for p in parts]), index, n)
@@ -591,14 +615,14 @@ def _ended_with(rollout: Rollout, eos_ids: list[int]) -> torch.Tensor:
 
 
 def load_student(cfg: ProbeConfig) -> StudentSide:
-    path = resolve_model_path(cfg.student)
+    path = resolve_model_path(cfg.student.path)
     tokenizer = load_tokenizer(path)
-    model = load_causal_lm(path, cfg.student_dtype)
+    model = load_causal_lm(path, cfg.student.dtype)
     freeze(model)
     sampler = HFRolloutEngine(model, eos_ids=eos_token_ids(tokenizer, model), pad_id=tokenizer.pad_token_id,
-                              sampling_dtype=DTYPES[cfg.sampling_dtype]).model
+                              sampling_dtype=DTYPES[cfg.student.sampling_dtype]).model
     sampler.eval()
-    return StudentSide(cfg, cfg.student, tokenizer, model, sampler, _sample_examples(cfg, tokenizer),
+    return StudentSide(cfg, cfg.student.path, tokenizer, model, sampler, _sample_examples(cfg, tokenizer),
                        eos_token_ids(tokenizer, model), tokenizer.pad_token_id)
 
 
@@ -608,7 +632,7 @@ def sample_student(s: StudentSide, vocab_size: int) -> None:
         return
     s.vocab_size = vocab_size
     s.rollout = _generate(s.sampler, [ex.prompt_ids for ex in s.examples], s.cfg, eos_ids=s.eos_ids,
-                          pad_id=s.pad_id, topk=s.cfg.k, seed=s.cfg.seed, vocab_size=vocab_size)
+                          pad_id=s.pad_id, topk=s.cfg.k, seed=s.cfg.rollout.seed, vocab_size=vocab_size)
     s.texts = _decode(s.tokenizer, s.rollout)
     s.correct = _grade(s.texts, s.rollout, s.examples)
 
@@ -619,8 +643,8 @@ def student_rollout_metrics(s: StudentSide, teacher: HFTeacher, teacher_prompts:
     cfg, ro = s.cfg, s.rollout
     pair = score_pair(s.model, teacher, ro.prompt_ids, [teacher_prompts[i] for i in ro.example_index],
                       ro.response_ids, ro.response_mask, pad_id=s.pad_id, vocab_size=s.vocab_size,
-                      temperature=cfg.temperature, k=cfg.k, student_topk_ids=ro.topk_ids,
-                      chunk_size=cfg.chunk_size, batch_size=cfg.batch_size)
+                      temperature=cfg.rollout.temperature, k=cfg.k, student_topk_ids=ro.topk_ids,
+                      chunk_size=cfg.chunk_size, batch_size=cfg.rollout.batch_size)
     mask = ro.response_mask
     # The step's diagnostics, with the exact full-vocabulary KL in place of the one-sample estimate.
     per_pos, out = topk_diagnostics(
@@ -640,7 +664,7 @@ def student_rollout_metrics(s: StudentSide, teacher: HFTeacher, teacher_prompts:
         "vopd_second_moment_ratio": None if pair.student_logp_at is None else losses.pg_second_moment_ratio(
             pair.student_logp, pair.teacher.sampled_logp, -pair.kl, pair.student_logp_at, mask),
     })
-    bins = position_bins(mask.shape[1], cfg.max_new_tokens, max(1, cfg.max_new_tokens // 4))
+    bins = position_bins(mask.shape[1], cfg.rollout.max_new_tokens, max(1, cfg.rollout.max_new_tokens // 4))
     quarters = {name: window for name, window in bins.items() if name.startswith("pos_q")}
     out["by_position"] = windowed_diagnostics(per_pos, mask, quarters)
     return out, pair
@@ -650,13 +674,13 @@ def teacher_run(s: StudentSide, teacher: HFTeacher, t_model, t_eos: list[int], p
                 rendering: str) -> TeacherRun:
     """The teacher's rollouts on ``prompts``; both models score them, the teacher also at the student's EOS ids."""
     cfg = s.cfg
-    ro = _generate(t_model, prompts, cfg, eos_ids=t_eos, pad_id=s.pad_id, topk=0, seed=cfg.seed + 1,
+    ro = _generate(t_model, prompts, cfg, eos_ids=t_eos, pad_id=s.pad_id, topk=0, seed=cfg.rollout.seed + 1,
                    vocab_size=s.vocab_size)
     eos_at = torch.tensor(s.eos_ids).expand(*ro.response_ids.shape, len(s.eos_ids))
     pair = score_pair(s.model, teacher, [s.examples[i].prompt_ids for i in ro.example_index], ro.prompt_ids,
                       ro.response_ids, ro.response_mask, pad_id=s.pad_id, vocab_size=s.vocab_size,
-                      temperature=cfg.temperature, teacher_at_ids=eos_at, chunk_size=cfg.chunk_size,
-                      batch_size=cfg.batch_size)
+                      temperature=cfg.rollout.temperature, teacher_at_ids=eos_at, chunk_size=cfg.chunk_size,
+                      batch_size=cfg.rollout.batch_size)
     texts = _decode(s.tokenizer, ro)
     return TeacherRun(rendering, ro, texts, _grade(texts, ro, s.examples), pair)
 
@@ -675,8 +699,8 @@ def template_alignment(s: StudentSide, teacher: HFTeacher, t_model, t_eos: list[
     cfg, ro = s.cfg, configured.rollout
     rows = {name: [renderings[name][i] for i in ro.example_index] for name in renderings}
     shift = score_pair(t_model, teacher, rows["student"], rows["own"], ro.response_ids, ro.response_mask,
-                       pad_id=s.pad_id, vocab_size=s.vocab_size, temperature=cfg.teacher_temperature,
-                       chunk_size=cfg.chunk_size, batch_size=cfg.batch_size)
+                       pad_id=s.pad_id, vocab_size=s.vocab_size, temperature=cfg.teacher.temperature,
+                       chunk_size=cfg.chunk_size, batch_size=cfg.rollout.batch_size)
     other_name = "own" if configured.rendering == "student" else "student"
     other = teacher_run(s, teacher, t_model, t_eos, renderings[other_name], other_name)
     runs = {configured.rendering: configured, other_name: other}
@@ -700,13 +724,13 @@ def compatibility(s: StudentSide, t_tok, vocab, run: TeacherRun, renderings: dic
         "vocab": {"shared_vocab_size": vocab.shared_vocab_size, "student_tokens": len(s.tokenizer),
                   "teacher_tokens": len(t_tok), "warnings": list(vocab.warnings)},
         "special_tokens": compare_special_tokens(s.tokenizer, t_tok),
-        "template": compare_templates(s.tokenizer, t_tok, ex.messages, reply, student_kwargs=cfg.chat_template_kwargs,
-                                      teacher_kwargs=cfg.teacher_chat_template_kwargs),
-        "thinking": {"student": thinking_support(s.tokenizer, ex.messages, cfg.chat_template_kwargs),
-                     "teacher": thinking_support(t_tok, ex.messages, cfg.teacher_chat_template_kwargs),
+        "template": compare_templates(s.tokenizer, t_tok, ex.messages, reply, student_kwargs=cfg.data.chat_template_kwargs,
+                                      teacher_kwargs=cfg.teacher.chat_template_kwargs),
+        "thinking": {"student": thinking_support(s.tokenizer, ex.messages, cfg.data.chat_template_kwargs),
+                     "teacher": thinking_support(t_tok, ex.messages, cfg.teacher.chat_template_kwargs),
                      "student_rollouts_with_think": think_fraction(_decode(s.tokenizer, s.rollout, False)),
                      "teacher_rollouts_with_think": think_fraction(_decode(s.tokenizer, run.rollout, False))},
-        "teacher_reads": "its own template" if cfg.teacher_chat_template == "own" else "the student's prompt",
+        "teacher_reads": "its own template" if cfg.teacher.chat_template == "own" else "the student's prompt",
     }
 
 
@@ -715,7 +739,7 @@ def probe_teacher(s: StudentSide, teacher_name: str) -> tuple[dict, list[dict]]:
     cfg, th = s.cfg, s.cfg.thresholds
     t_path = resolve_model_path(teacher_name)
     t_tok = load_tokenizer(t_path)
-    t_model = load_causal_lm(t_path, cfg.teacher_dtype)
+    t_model = load_causal_lm(t_path, cfg.teacher.dtype)
     freeze(t_model)
     result: dict = {key: None for key in RESULT_KEYS}
     result.update({"teacher": teacher_name, "student": s.path, "k": cfg.k})
@@ -727,19 +751,19 @@ def probe_teacher(s: StudentSide, teacher_name: str) -> tuple[dict, list[dict]]:
         result.update(decide(result, th))
         return result, []
     sample_student(s, vocab.shared_vocab_size)
-    teacher = HFTeacher(t_model, vocab_size=s.vocab_size, pad_id=s.pad_id, temperature=cfg.teacher_temperature,
+    teacher = HFTeacher(t_model, vocab_size=s.vocab_size, pad_id=s.pad_id, temperature=cfg.teacher.temperature,
                         chunk_size=cfg.chunk_size, head_dtype=torch.float32)
     t_eos = eos_token_ids(t_tok, t_model)
     renderings = {"student": [ex.prompt_ids for ex in s.examples],
-                  "own": [render_prompt(t_tok, ex.messages, cfg.teacher_chat_template_kwargs) for ex in s.examples]}
-    teacher_prompts = renderings[cfg.teacher_chat_template]
+                  "own": [render_prompt(t_tok, ex.messages, cfg.teacher.chat_template_kwargs) for ex in s.examples]}
+    teacher_prompts = renderings[cfg.teacher.chat_template]
 
     # 1. The student's rollouts scored by both models.
     metrics, pair = student_rollout_metrics(s, teacher, teacher_prompts)
     result.update(metrics)
 
     # 2. The teacher's own rollouts on the prompts it reads.
-    run = teacher_run(s, teacher, t_model, t_eos, teacher_prompts, cfg.teacher_chat_template)
+    run = teacher_run(s, teacher, t_model, t_eos, teacher_prompts, cfg.teacher.chat_template)
     t_mask = run.rollout.response_mask
     result.update({"teacher_logp_own_tokens": masked_mean(run.pair.teacher.sampled_logp, t_mask),
                    "student_logp_teacher_tokens": masked_mean(run.pair.student_logp, t_mask),
@@ -747,8 +771,8 @@ def probe_teacher(s: StudentSide, teacher_name: str) -> tuple[dict, list[dict]]:
 
     # 3. Self-check: the teacher's own weights in the student role against the teacher engine, same prompts.
     check = self_check(t_model, teacher, run.rollout.prompt_ids, run.rollout.response_ids, t_mask, pad_id=s.pad_id,
-                       vocab_size=s.vocab_size, temperature=cfg.temperature, tolerance=th.self_check_kl,
-                       chunk_size=cfg.chunk_size, batch_size=cfg.batch_size)
+                       vocab_size=s.vocab_size, temperature=cfg.rollout.temperature, tolerance=th.self_check_kl,
+                       chunk_size=cfg.chunk_size, batch_size=cfg.rollout.batch_size)
     result["self_check_reverse_kl"] = check.reverse_kl
     result["self_check"] = {"passed": check.passed, "reverse_kl": check.reverse_kl,
                             "max_token_kl": check.max_token_kl, "sampled_logratio_abs": check.sampled_logratio,
@@ -844,9 +868,9 @@ def run_probe(cfg: ProbeConfig) -> dict:
     ranking = rank(results)
     best = next(r for r in results if r["teacher"] == ranking[0]["teacher"])
     out = dict(best)
-    out.update({"prompts": cfg.prompts, "n_prompts": len(s.examples), "samples_per_prompt": cfg.n,
-                "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "teacher_temperature": cfg.teacher_temperature, "seed": cfg.seed,
+    out.update({"prompts": cfg.data.train, "n_prompts": len(s.examples), "samples_per_prompt": cfg.rollout.n,
+                "max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
+                "teacher_temperature": cfg.teacher.temperature, "seed": cfg.rollout.seed,
                 "thresholds": {k: getattr(cfg.thresholds, k) for k in cfg.thresholds.__dataclass_fields__},
                 "seconds": time.perf_counter() - start})
     if len(results) > 1:
@@ -897,8 +921,9 @@ def print_result(result: dict) -> None:
 
 def _flag_overrides(args) -> list[str]:
     """Command-line flags as key=value overrides (JSON values are valid YAML, so types survive)."""
-    flags = {"student": args.student, "teacher": args.teacher, "teachers": args.teachers, "prompts": args.prompts,
-             "n_prompts": args.n_prompts, "json": args.json, "dump_rollouts": args.dump_rollouts}
+    flags = {"student.path": args.student, "teacher.path": args.teacher, "teachers": args.teachers,
+             "data.train": args.prompts, "data.limit": args.n_prompts, "json": args.json,
+             "dump_rollouts": args.dump_rollouts}
     return [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
 
 
@@ -926,11 +951,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--teacher", help="teacher model")
     p.add_argument("--teachers", nargs="+", help="several candidate teachers to rank")
     p.add_argument("--prompts", help="prompt file (.jsonl/.parquet)")
-    p.add_argument("--n-prompts", type=int, help="prompts sampled from the file (default 32)")
+    p.add_argument("--n-prompts", type=int, help="prompts sampled from the file (data.limit, default 32)")
     p.add_argument("--json", help="write the result JSON here")
     p.add_argument("--dump-rollouts", help="write every rollout as a JSON line here")
     p.add_argument("--config", help="YAML config file (keys: see opdkit.probe.ProbeConfig)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. k=8 max_new_tokens=128")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. k=8 rollout.max_new_tokens=128")
     p.set_defaults(func=_cmd_probe)
 
 

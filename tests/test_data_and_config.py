@@ -1,9 +1,11 @@
 """Prompt loading (schemas, errors, length filter, sampler) and config loading (types, choices, overrides)."""
 
 import json
+import typing
 
 import pytest
 
+from opdkit import config as C
 from opdkit.config import ConfigError, DistillConfig, describe, load_config, parse_overrides
 from opdkit.data import DatasetError, PromptSampler, load_prompts, read_rows
 from tests.conftest import SHARED_DATA, write_jsonl
@@ -172,6 +174,62 @@ def test_renamed_keys_still_load_with_a_warning_naming_the_new_key(tmp_path, cap
     assert all(describe(config_class(c)) for c in COMMAND_CONFIGS)
     assert main(["config", "eval"]) == 0
     out = capsys.readouterr().out
-    assert "data.prompt_suffix" in out and "sampling.n" in out and "student.path" not in out
-    assert [line.split()[0] for line in out.splitlines() if "(deprecated)" in line] == ["prompts", "data.path",
-                                                                                          "data.suffix"]
+    assert "data.prompt_suffix" in out and "rollout.n" in out and "student.path" not in out
+    assert [line.split()[0] for line in out.splitlines() if "(deprecated)" in line] == [
+        "prompts", "sampling", "data.path", "data.suffix"]
+
+
+def test_one_vocabulary_across_commands_and_every_old_name_points_at_a_key(tmp_path):
+    """The same key means the same thing in every command: each shared section is one type (or extends it), and
+    each deprecated name resolves to a key or section that exists."""
+    import dataclasses
+
+    from opdkit.cli import COMMAND_CONFIGS, config_class
+    from opdkit.probe import ProbeConfig
+    from opdkit.recipes.benchmark import EvalRecipeConfig
+    from opdkit.recipes.rollout import RolloutRecipeConfig
+    from opdkit.recipes.sft import SFTConfig
+
+    def section(cls, name):
+        return typing.get_type_hints(cls)[name]
+
+    kinds = {"student": C.ModelConfig, "teacher": C.ModelConfig, "model": C.ModelConfig,
+             "data": C.DataFileConfig, "rollout": C.SamplingConfig, "optim": C.OptimConfig, "run": C.RunConfig}
+    for cls in (DistillConfig, SFTConfig, RolloutRecipeConfig, EvalRecipeConfig, ProbeConfig):
+        names = [f.name for f in dataclasses.fields(cls)]
+        for name in names:
+            if name in kinds:
+                assert issubclass(section(cls, name), kinds[name]), (cls.__name__, name)
+    for command in COMMAND_CONFIGS:
+        cls = config_class(command)
+        keys = {k for k, _, _ in describe(cls)}
+        sections = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+        for old, new in C.describe_renames(cls):
+            assert new in keys or new in sections, (command, old, new)
+    # sft: run.max_steps is run.steps, and the eval cadence and held-out rows moved into eval.*
+    sft = ["model.path=m", "data.train=d.jsonl"]
+    with pytest.warns(FutureWarning) as caught:
+        old = load_config(SFTConfig, None, sft + ["run.max_steps=7", "run.eval_every=2", "data.eval_rows=3"])
+    assert old == load_config(SFTConfig, None, sft + ["run.steps=7", "eval.every=2", "eval.rows=3"])
+    assert sorted(str(w.message).split("use ")[-1] for w in caught) == ["'eval.every'", "'eval.rows'", "'run.steps'"]
+    # rollout/eval: the sampling section is the rollout section, as in distill
+    base = ["model.path=m", f"output.path={tmp_path / 'o.jsonl'}", "data.train=p.jsonl"]
+    with pytest.warns(FutureWarning, match="'sampling' is deprecated .* use 'rollout'"):
+        legacy = load_config(RolloutRecipeConfig, None, base + ["sampling.n=3", "sampling.temperature=0.5"])
+    assert legacy == load_config(RolloutRecipeConfig, None, base + ["rollout.n=3", "rollout.temperature=0.5"])
+    # a model section given as a string is its path, and keeps the section's other keys
+    merged = load_config(DistillConfig, None, BASE + ["teacher=other", "teacher.temperature=0.5"],
+                         base={"teacher": {"path": "t", "chunk_size": 64}})
+    assert (merged.teacher.path, merged.teacher.temperature, merged.teacher.chunk_size) == ("other", 0.5, 64)
+
+
+def test_a_run_saved_under_old_key_names_compares_as_the_same_config():
+    from opdkit.loop import config_changes
+    from opdkit.recipes.sft import SFTConfig
+
+    new = load_config(SFTConfig, None, ["model.path=m", "data.train=d.jsonl", "run.steps=7", "eval.rows=3"])
+    saved = C.to_dict(new)
+    saved["run"]["max_steps"] = saved["run"].pop("steps")
+    saved["data"]["eval_rows"] = saved["eval"].pop("rows")
+    assert config_changes(saved, C.to_dict(new))  # compared raw, the old names look like changes
+    assert config_changes(C.upgrade_keys(SFTConfig, saved), C.to_dict(new)) == {}

@@ -11,7 +11,7 @@ from opdkit import hardware
 from opdkit.config import DistillConfig, dump_yaml, load_config
 from opdkit.hardware import Capability, Choice, choose, fast_bf16, resolve_config
 from opdkit.probe import ProbeConfig
-from opdkit.recipes.common import ModelConfig
+from opdkit.config import FrozenModelConfig as ModelConfig
 from opdkit.recipes.sft import SFTConfig
 
 CPU_AVX2 = Capability("cpu", "AMD EPYC (Zen 3)", False, "AVX2, no native bf16")

@@ -89,8 +89,8 @@ def task(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-PROBE_ARGS = ["k=8", "max_new_tokens=16", "n=2", "student_dtype=float32",
-              "sampling_dtype=float32", "teacher_dtype=float32"]
+PROBE_ARGS = ["k=8", "rollout.max_new_tokens=16", "rollout.n=2", "student.dtype=float32",
+              "student.sampling_dtype=float32", "teacher.dtype=float32"]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_probe_tells_a_compatible_teacher_from_mismatched_ones(task, ranked):
 def test_teacher_reading_its_own_template_is_fine(task):
     result = run_probe(load_config(ProbeConfig, None, [
         f"student={task['student']}", f"teacher={task['templated']}", f"prompts={task['prompts']}",
-        "n_prompts=20", "teacher_chat_template=own", *PROBE_ARGS]))
+        "data.limit=20", "teacher.chat_template=own", *PROBE_ARGS]))
     assert result["verdict"] == "distill", result["reasons"]
     assert result["template_alignment"]["configured"] == "own"
 
@@ -213,7 +213,7 @@ def test_self_check_passes_on_a_correct_setup_and_fails_loudly_on_a_wrong_one(te
 
 def test_cli_fails_loudly_with_teacher_temperature_2(task, capsys):
     code = main(["probe", "--student", task["student"], "--teacher", task["compatible"], "--prompts",
-                 task["prompts"], "--n-prompts", "8", "teacher_temperature=2", *PROBE_ARGS])
+                 task["prompts"], "--n-prompts", "8", "teacher.temperature=2", *PROBE_ARGS])
     assert code == 3
     captured = capsys.readouterr()
     result = json.loads(captured.out)
@@ -223,10 +223,19 @@ def test_cli_fails_loudly_with_teacher_temperature_2(task, capsys):
 
 def test_probe_config_file_and_errors(tmp_path, task, capsys):
     cfg = tmp_path / "probe.yaml"
-    cfg.write_text(f"student: {task['student']}\nteacher: {task['compatible']}\nprompts: {task['prompts']}\n"
-                   "n_prompts: 4\nthresholds: {min_overlap_ratio: 0.5}\n")
-    loaded = load_config(ProbeConfig, cfg, ["k=4"])
+    cfg.write_text(f"student: {task['student']}\nteacher: {task['compatible']}\ndata: {{train: {task['prompts']}, "
+                   f"limit: 4}}\nthresholds: {{min_overlap_ratio: 0.5}}\n")
+    loaded = load_config(ProbeConfig, cfg, ["k=4", "teacher.temperature=0.5"])
     assert loaded.k == 4 and loaded.thresholds.min_overlap_ratio == 0.5 and loaded.teacher_list == [task["compatible"]]
+    assert loaded.data.limit == 4 and loaded.teacher.temperature == 0.5  # "teacher: PATH" is teacher.path: PATH
+    # The flat keys of the first probe config still load, each as its key in the shared vocabulary.
+    old = tmp_path / "old.yaml"
+    old.write_text(f"student: {task['student']}\nteacher: {task['compatible']}\nprompts: {task['prompts']}\n"
+                   "n_prompts: 4\nteacher_temperature: 0.5\nmax_new_tokens: 8\nstudent_dtype: float32\n")
+    with pytest.warns(FutureWarning, match="'n_prompts' is deprecated .* use 'data.limit'"):
+        legacy = load_config(ProbeConfig, old)
+    assert (legacy.data.train, legacy.data.limit, legacy.teacher.temperature, legacy.rollout.max_new_tokens,
+            legacy.student.dtype) == (task["prompts"], 4, 0.5, 8, "float32")
     assert main(["probe", "--config", str(cfg), "thresholds.min_overlap=1"]) == 2
     assert "unknown config key 'thresholds.min_overlap'" in capsys.readouterr().err
     assert main(["probe", "--student", task["student"], "--prompts", task["prompts"]]) == 2

@@ -77,7 +77,7 @@ def test_eval_cli_on_a_tiny_model_and_gap_recovery(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "res.json"
     code = main(["eval", "--limit", "4", f"model.path={tiny_dirs['student']}", "model.dtype=float32",
                  f"benchmarks=[{{name: toy, path: {bench}, columns: {{prompt: problem, answer: solution}}}}]",
-                 "sampling.n=3", "sampling.max_new_tokens=5", "sampling.batch_size=5", "pass_k=[1, 2]",
+                 "rollout.n=3", "rollout.max_new_tokens=5", "rollout.batch_size=5", "pass_k=[1, 2]",
                  f"output={out}"])
     assert code == 0
     report = json.loads(out.read_text())

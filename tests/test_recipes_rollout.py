@@ -70,9 +70,9 @@ def boxed_model(tmp_path_factory):
 
 
 def _cfg(model, prompts, out, **extra):
-    base = {"model.path": model, "data.train": prompts, "output.path": out, "sampling.n": 2,
-            "sampling.max_new_tokens": 12, "sampling.temperature": 1.0, "sampling.top_p": 1.0,
-            "sampling.batch_size": 5, "model.dtype": "float32", "filter.repetition_chars": 9,
+    base = {"model.path": model, "data.train": prompts, "output.path": out, "rollout.n": 2,
+            "rollout.max_new_tokens": 12, "rollout.temperature": 1.0, "rollout.top_p": 1.0,
+            "rollout.batch_size": 5, "model.dtype": "float32", "filter.repetition_chars": 9,
             "filter.repetition_count": 2, "filter.max_attempts": 3}
     base.update(extra)
     return load_config(RolloutRecipeConfig, None, [f"{k}={v}" for k, v in base.items()])
@@ -87,7 +87,7 @@ def test_rollout_writes_sft_rows_with_exact_rejection_counts_and_resumes(boxed_m
     out = tmp_path / "full.jsonl"
     # A seed whose samples end in every way (repetitive ones are rare); chosen again when sampling changed to
     # counter-based noise (opdkit/noise.py).
-    seed = {"sampling.seed": 3}
+    seed = {"rollout.seed": 3}
     stats = run_rollout(_cfg(model, prompts, out, **seed))
     accepted, abandoned = _rows(out), _rows(tmp_path / "full.rejected.jsonl")
     assert stats["accepted"] == len(accepted) and stats["abandoned"] == len(abandoned)
@@ -124,7 +124,7 @@ def test_rollout_cli_two_prompts_to_parquet(boxed_model, tmp_path, capsys):
     model, prompts = boxed_model
     out = tmp_path / "sft.parquet"
     code = main(["rollout", f"model.path={model}", f"data.train={prompts}", f"output.path={out}", "data.limit=2",
-                 "sampling.max_new_tokens=6", "filter.require_answer=false", "filter.drop_truncated=false",
+                 "rollout.max_new_tokens=6", "filter.require_answer=false", "filter.drop_truncated=false",
                  "filter.repetition_chars=0", "model.dtype=float32"])
     assert code == 0
     rows = pq.read_table(out).to_pylist()

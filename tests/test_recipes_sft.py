@@ -94,7 +94,7 @@ def chat_file(tmp_path):
 
 
 def _overrides(model_dir, data, out, **extra):
-    base = {"model.path": model_dir, "data.train": data, "run.out_dir": out, "run.max_steps": 4,
+    base = {"model.path": model_dir, "data.train": data, "run.out_dir": out, "run.steps": 4,
             "optim.micro_batch_size": 2, "optim.grad_accum": 2, "optim.lr": 1e-2, "optim.warmup_steps": 2,
             "model.compute_dtype": "float32", "run.progress": False, "run.tensorboard": False}
     base.update(extra)
@@ -117,7 +117,7 @@ def test_sft_learns_and_resumes_exactly(tiny_dirs, chat_file, tmp_path, packing)
         assert all(r["sft/sequences"] == 4 for r in rows)  # micro_batch_size 2 x grad_accum 2
 
     first = SFTTrainer(load_config(SFTConfig, None, _overrides(tiny_dirs["student"], chat_file, tmp_path / "b",
-                                                               **{"data.packing": packing, "run.max_steps": 4,
+                                                               **{"data.packing": packing, "run.steps": 4,
                                                                   "run.save_every": 2})))
     first.total_steps = 2  # stop after 2 of the 4 scheduled steps, as an interrupted run would
     first.run()
@@ -129,8 +129,8 @@ def test_sft_learns_and_resumes_exactly(tiny_dirs, chat_file, tmp_path, packing)
 
 def test_sft_then_distill_cli(tiny_dirs, chat_file, tmp_path, prompts_file):
     out = tmp_path / "sft"
-    assert main(["sft", *_overrides(tiny_dirs["student"], chat_file, out, **{"run.max_steps": 2,
-                                                                            "data.eval_rows": 2})]) == 0
+    assert main(["sft", *_overrides(tiny_dirs["student"], chat_file, out, **{"run.steps": 2,
+                                                                            "eval.rows": 2})]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_after"]["eval/loss"] < summary["eval_before"]["eval/loss"]
     from tests.conftest import tiny_overrides

@@ -26,13 +26,13 @@ from typing import Optional
 
 
 from ..answers import extract_answer, score_response
-from ..config import ConfigError, _help
+from ..config import ConfigError, FrozenModelConfig, _help
 from ..data import DatasetError, row_label
 from ..evaluation import decode_responses
 from ..models import eos_token_ids, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
 from ..engines.hf_rollout import sample
 from ..tracking import console
-from .common import ModelConfig, Progress, PromptsConfig, SamplingConfig, load_recipe_prompts, write_json, write_rows
+from .common import Progress, PromptsConfig, RecipeSamplingConfig, load_recipe_prompts, write_json, write_rows
 from .rollout import slot_seed
 from ..hardware import configure_threads
 
@@ -64,8 +64,8 @@ def summarise(correct: list[list[float]], ks: list[int]) -> dict:
 
 
 @dataclass
-class EvalSamplingConfig(SamplingConfig):
-    """``SamplingConfig`` with the paper's evaluation defaults."""
+class EvalSamplingConfig(RecipeSamplingConfig):
+    """``RecipeSamplingConfig`` with the paper's evaluation defaults."""
 
     n: int = _help("samples per problem (the paper: 16)", default=16)
     temperature: float = _help("sampling temperature (the paper: 0.7)", default=0.7)
@@ -77,14 +77,14 @@ class EvalSamplingConfig(SamplingConfig):
 
 @dataclass
 class EvalRecipeConfig:
-    RENAMED = {"prompts": "data"}  # old names, read with a deprecation warning
+    RENAMED = {"prompts": "data", "sampling": "rollout"}  # old names, read with a deprecation warning
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: FrozenModelConfig = field(default_factory=FrozenModelConfig)
     benchmarks: list = _help("benchmark files, or {name, path, columns} mappings; names default to the folder name "
                              "(…/MATH-500/test.parquet -> MATH-500)", default_factory=list)
     data: PromptsConfig = field(default_factory=PromptsConfig)
-    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
-    pass_k: list = _help("k values of pass@k (each <= sampling.n; default: 1 and n)", default_factory=list)
+    rollout: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+    pass_k: list = _help("k values of pass@k (each <= rollout.n; default: 1 and n)", default_factory=list)
     output: str = _help("results JSON (per-benchmark metrics); responses go to <output stem>.samples.jsonl",
                         default="runs/eval/results.json")
     save_samples: bool = _help("write every response with its score", default=True)
@@ -103,21 +103,18 @@ class EvalRecipeConfig:
                                       f"columns), got {b!r}")
             elif not isinstance(b, str):
                 raise ConfigError(f"benchmarks[{i}] must be a file path, got {b!r}")
-        s = self.sampling
-        if s.n <= 0 or s.max_new_tokens <= 0 or s.batch_size <= 0:
-            raise ConfigError("sampling.n, sampling.max_new_tokens and sampling.batch_size must be > 0")
-        if s.temperature <= 0 or not 0 < s.top_p <= 1:
-            raise ConfigError("sampling.temperature must be > 0 and sampling.top_p in (0, 1]")
+        s = self.rollout
+        s.validate()
         for k in self.pass_k:
             if not isinstance(k, int) or not 1 <= k <= s.n:
-                raise ConfigError(f"pass_k values must be integers in 1..sampling.n={s.n}, got {k!r}")
+                raise ConfigError(f"pass_k values must be integers in 1..rollout.n={s.n}, got {k!r}")
         if self.data.train:
             raise ConfigError("data.train is not used by opdkit eval: list the files under benchmarks")
         if self.data.limit is not None and self.data.limit <= 0:
             raise ConfigError(f"data.limit must be > 0, got {self.data.limit}")
 
     def ks(self) -> list[int]:
-        return sorted(set(self.pass_k or [1, self.sampling.n]))
+        return sorted(set(self.pass_k or [1, self.rollout.n]))
 
 
 def benchmark_specs(cfg: EvalRecipeConfig) -> list[dict]:
@@ -145,7 +142,7 @@ def evaluate_benchmark(model, tokenizer, spec: dict, cfg: EvalRecipeConfig, *, e
     if missing:
         raise DatasetError(f"{row_label(spec['path'], missing[0])}: no reference answer; map the column, e.g. "
                            f"benchmarks=[{{path: {spec['path']}, columns: {{answer: solution}}}}]")
-    s = cfg.sampling
+    s = cfg.rollout
     slots = [(i, j) for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt_ids))
              for j in range(s.n)]
     scores = [[0.0] * s.n for _ in examples]
@@ -196,9 +193,9 @@ def run_eval(cfg: EvalRecipeConfig) -> dict:
                                            vocab_size=vocab)
         results[spec["name"]] = metrics
         all_rows += rows
-    keys = [f"avg@{cfg.sampling.n}"] + [f"pass@{k}" for k in cfg.ks()]
+    keys = [f"avg@{cfg.rollout.n}"] + [f"pass@{k}" for k in cfg.ks()]
     average = {k: sum(r[k] for r in results.values()) / len(results) for k in keys}
-    s = cfg.sampling
+    s = cfg.rollout
     report = {"model": cfg.model.path, "model_dir": str(model_dir),
               "settings": {"n": s.n, "temperature": s.temperature, "top_p": s.top_p,
                            "max_new_tokens": s.max_new_tokens, "seed": s.seed, "limit": cfg.data.limit,

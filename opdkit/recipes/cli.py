@@ -12,7 +12,7 @@ import json
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning, then exit")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampling.n=4")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.n=4")
 
 
 def _print_keys(cls) -> int:

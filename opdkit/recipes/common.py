@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..config import AUTO_DTYPE_HELP, ConfigError, Dtype, _help
+from ..config import BatchSamplingConfig, ConfigError, PromptDataConfig, _help
 from ..data import DatasetError, PromptSet, _check_messages, load_prompts, normalise_row, read_rows, row_label
 from ..tracking import console
 
@@ -32,35 +32,16 @@ def has_answer_instruction(text: str) -> bool:
 
 
 @dataclass
-class ModelConfig:
-    path: str = _help("HF model directory, .gguf file or bundled name (e.g. smollm2-135m-instruct)", default="")
-    dtype: Dtype = _help("dtype of the weights used for sampling" + AUTO_DTYPE_HELP, default="auto")
-    device: str = _help("cpu, cuda, cuda:1", default="cpu")
-
-    def validate(self, section: str = "model") -> None:
-        if not self.path:
-            raise ConfigError(f"{section}.path is required: a local HF model directory, a .gguf file or a "
-                              f"bundled name such as smollm2-135m-instruct")
-
-
-@dataclass
-class PromptsConfig:
+class PromptsConfig(PromptDataConfig):
     """The ``data`` section of the sampling recipes: the keys mean what they mean in ``opdkit distill``."""
 
     RENAMED = {"path": "train", "suffix": "prompt_suffix"}  # old names, read with a deprecation warning
 
-    train: str = _help("prompt file (.jsonl / .parquet): plain prompts, chat messages or verl rows", default="")
-    columns: dict = _help("map fields (prompt, messages, answer, source) to columns, e.g. {prompt: problem}",
-                          default_factory=dict)
     prompt_suffix: str = _help("answer-format instruction appended to the last user message", default=BOXED_SUFFIX)
     add_suffix: Literal["if_missing", "always", "never"] = _help(
         "if_missing: only where the prompt does not mention \\boxed or an 'Answer:' line", default="if_missing")
     fewshot: list = _help("messages put before every prompt, e.g. a one-shot [{role: user, ...}, "
                           "{role: assistant, ...}]", default_factory=list)
-    system_prompt: Optional[str] = _help("system message prepended to every conversation", default=None)
-    chat_template_kwargs: dict = _help("extra chat-template arguments, e.g. {enable_thinking: false}",
-                                       default_factory=dict)
-    max_prompt_length: int = _help("prompts longer than this many tokens are skipped (and counted)", default=1024)
     limit: Optional[int] = _help("use only N prompts", default=None)
     subset_seed: Optional[int] = _help("with limit: a random subset drawn with this seed (default: the first N)",
                                        default=None)
@@ -88,16 +69,14 @@ def select_rows(n: int, limit: int | None, seed: int | None) -> list[int]:
 
 
 @dataclass
-class SamplingConfig:
-    """The ``sampling`` section of the sampling recipes (``opdkit eval``: ``EvalSamplingConfig``, its defaults)."""
+class RecipeSamplingConfig(BatchSamplingConfig):
+    """The ``rollout`` section of ``opdkit rollout`` (``opdkit eval``: ``EvalSamplingConfig``, its defaults)."""
 
     n: int = _help("responses kept per prompt (answer slots)", default=1)
     temperature: float = _help("sampling temperature (paper C.1: 0.7)", default=0.7)
     top_p: float = _help("nucleus sampling threshold (paper: 0.95)", default=0.95)
     max_new_tokens: int = _help("maximum response length; longer responses are truncated (and rejected)",
                                 default=512)
-    batch_size: int = _help("sequences sampled together (KV-cache batch)", default=32)
-    seed: int = _help("base seed; every (prompt, slot, attempt) gets its own seed from it", default=0)
 
 
 def prepare_messages(messages: list[dict], cfg: PromptsConfig) -> list[dict]:

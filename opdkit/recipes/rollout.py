@@ -4,7 +4,7 @@ This makes the data of the off-policy cold start (paper §5.1, App. C.1): the te
 times and each answer slot goes through *rejection sampling*: a response is rejected for the first reason
 that applies, in this order,
 
-1. ``truncated``: no end-of-sequence token within ``sampling.max_new_tokens`` (incomplete);
+1. ``truncated``: no end-of-sequence token within ``rollout.max_new_tokens`` (incomplete);
 2. ``no_answer``: no explicit final answer, i.e. no ``\\boxed{...}`` and no ``Answer: ...`` line
    (``opdkit.answers.extract_answer``);
 3. ``repetitive``: degenerate looping text, see ``repeated_span``;
@@ -34,13 +34,13 @@ from typing import Optional
 
 
 from ..answers import extract_answer, score_response
-from ..config import ConfigError, _help, dump_yaml
+from ..config import ConfigError, FrozenModelConfig, _help, dump_yaml
 from ..data import DatasetError
 from ..evaluation import decode_responses
 from ..models import eos_token_ids, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
 from ..engines.hf_rollout import sample
 from ..tracking import console
-from .common import ModelConfig, Progress, PromptsConfig, SamplingConfig, check_output_path, load_recipe_prompts, write_json, \
+from .common import Progress, PromptsConfig, RecipeSamplingConfig, check_output_path, load_recipe_prompts, write_json, \
     write_rows
 from ..hardware import configure_threads
 
@@ -115,9 +115,11 @@ class OutputConfig:
 
 @dataclass
 class RolloutRecipeConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    RENAMED = {"sampling": "rollout"}  # old names, read with a deprecation warning
+
+    model: FrozenModelConfig = field(default_factory=FrozenModelConfig)
     data: PromptsConfig = field(default_factory=PromptsConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rollout: RecipeSamplingConfig = field(default_factory=RecipeSamplingConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     threads: Optional[int] = _help("torch CPU threads (default: all cores)", default=None)
@@ -125,13 +127,10 @@ class RolloutRecipeConfig:
     def validate(self) -> None:
         self.model.validate()
         self.data.validate()
-        s, f = self.sampling, self.filter
-        for key, value in (("sampling.n", s.n), ("sampling.max_new_tokens", s.max_new_tokens),
-                           ("sampling.batch_size", s.batch_size), ("filter.max_attempts", f.max_attempts)):
-            if value <= 0:
-                raise ConfigError(f"{key} must be > 0, got {value}")
-        if s.temperature <= 0 or not 0 < s.top_p <= 1:
-            raise ConfigError("sampling.temperature must be > 0 and sampling.top_p in (0, 1]")
+        self.rollout.validate()
+        f = self.filter
+        if f.max_attempts <= 0:
+            raise ConfigError(f"filter.max_attempts must be > 0, got {f.max_attempts}")
         if f.repetition_chars < 0 or (f.repetition_chars and f.repetition_count < 2):
             raise ConfigError("filter.repetition_chars must be >= 0 and filter.repetition_count >= 2")
         if not self.output.path:
@@ -236,7 +235,7 @@ def run_rollout(cfg: RolloutRecipeConfig) -> dict:
     accepted = _read_jsonl_tolerant(paths["work"])
     abandoned = _read_jsonl_tolerant(paths["rejected"])
     done = {(r["prompt_index"], r["sample"]) for r in accepted + abandoned}
-    s = cfg.sampling
+    s = cfg.rollout
     # Longest prompts first, so a batch holds prompts of similar length (less left padding).
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt_ids))
     queue = deque((i, j, 0, []) for i in order for j in range(s.n) if (examples[i].index, j) not in done)

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
-from ..config import AUTO_DTYPE_HELP, ConfigError, Dtype, OptimConfig, _help, dump_yaml
+from ..config import (ConfigError, DataFileConfig, EvalEveryConfig, OptimConfig, RunConfig, TrainedModelConfig,
+                      _help, dump_yaml)
 from ..loop import LoopSettings, TrainingLoop, prepare_run_dir
 from ..data import DatasetError, PromptSampler, _check_messages, _lookup, read_rows, row_label
 from ..models import DTYPES, load_causal_lm, load_tokenizer, model_vocab_size, resolve_model_path
@@ -226,22 +227,11 @@ def sft_loss(model, batch: Batch, *, vocab_size: int, chunk_size: int = 1024,
 
 
 @dataclass
-class SFTModelConfig:
-    path: str = _help("HF model directory, .gguf file or bundled name of the model to fine-tune", default="")
-    param_dtype: Dtype = _help("dtype of the trained (master) weights; auto: float32", default="auto")
-    compute_dtype: Dtype = _help("autocast dtype of the forward" + AUTO_DTYPE_HELP, default="auto")
-    gradient_checkpointing: bool = _help("recompute decoder activations in backward to save memory", default=False)
-    device: str = _help("cpu, cuda, cuda:1", default="cpu")
-
-
-@dataclass
-class SFTDataConfig:
+class SFTDataConfig(DataFileConfig):
     train: str = _help("chat data (.jsonl / .parquet): 'messages' lists (as opdkit rollout writes) or "
                        "prompt/response columns", default="")
-    columns: dict = _help("map fields (messages, prompt, response) to columns", default_factory=dict)
     system_prompt: Optional[str] = _help("system message prepended where a conversation has none", default=None)
-    chat_template_kwargs: dict = _help("extra chat-template arguments, e.g. {enable_thinking: false}",
-                                       default_factory=dict)
+    limit: Optional[int] = _help("use only the first N conversations", default=None)
     assistant_turns: Literal["all", "last"] = _help("train on every assistant turn or only the last one",
                                                     default="all")
     max_length: int = _help("tokens per conversation (and per packed row)", default=1024)
@@ -250,8 +240,6 @@ class SFTDataConfig:
     packing: bool = _help("pack conversations into rows of max_length tokens (block-diagonal attention)",
                           default=False)
     shuffle: bool = _help("shuffle rows every epoch (seeded by run.seed)", default=True)
-    limit: Optional[int] = _help("use only the first N conversations", default=None)
-    eval_rows: int = _help("hold out the last N conversations to measure eval/loss", default=0)
 
 
 @dataclass
@@ -269,28 +257,30 @@ class SFTOptimConfig(OptimConfig):
 
 
 @dataclass
-class SFTRunConfig:
+class SFTRunConfig(RunConfig):
+    RENAMED = {"max_steps": "steps"}  # old names, read with a deprecation warning
+
     out_dir: str = _help("run directory (metrics, checkpoints, final_model)", default="runs/sft")
-    epochs: float = _help("passes over the data (paper: 1; the reference config: 2)", default=1.0)
-    max_steps: Optional[int] = _help("stop after this many optimizer steps (overrides epochs)", default=None)
+    steps: Optional[int] = _help("optimizer steps (default: as many as run.epochs take)", default=None)
     seed: int = _help("seed of the data order", default=0)
-    save_every: int = _help("checkpoint every N steps (0: only at the end and on Ctrl-C)", default=0)
-    keep_checkpoints: int = _help("how many checkpoints to keep", default=2)
-    resume: bool = _help("continue from the last checkpoint in out_dir", default=False)
-    resume_override: bool = _help("on resume, apply changed non-cadence keys (e.g. optim.lr) instead of "
-                                  "refusing them; each change is recorded in config_history.jsonl",
-                                  default=False)
-    eval_every: int = _help("measure eval/loss every N steps (0: before and after training)", default=0)
-    tensorboard: bool = _help("write TensorBoard event files", default=True)
-    threads: Optional[int] = _help("torch CPU threads (default: all cores)", default=None)
-    progress: bool = _help("show progress", default=True)
+    epochs: float = _help("passes over the data when run.steps is not set (paper: 1; the reference config: 2)",
+                          default=1.0)
+
+
+@dataclass
+class SFTEvalConfig(EvalEveryConfig):
+    every: int = _help("measure eval/loss every N steps (0: before and after training)", default=0)
+    rows: int = _help("hold out the last N conversations of data.train to measure eval/loss", default=0)
 
 
 @dataclass
 class SFTConfig:
-    model: SFTModelConfig = field(default_factory=SFTModelConfig)
+    RENAMED = {"run.eval_every": "eval.every", "data.eval_rows": "eval.rows"}  # read with a deprecation warning
+
+    model: TrainedModelConfig = field(default_factory=TrainedModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     optim: SFTOptimConfig = field(default_factory=SFTOptimConfig)
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
     run: SFTRunConfig = field(default_factory=SFTRunConfig)
 
     def validate(self) -> None:
@@ -305,12 +295,12 @@ class SFTConfig:
                 raise ConfigError(f"{key} must be > 0, got {value}")
         if self.optim.lr < 0 or self.optim.max_grad_norm < 0 or not 0 <= self.optim.warmup_ratio < 1:
             raise ConfigError("optim.lr and optim.max_grad_norm must be >= 0 and optim.warmup_ratio in [0, 1)")
-        if self.run.max_steps is None and self.run.epochs <= 0:
+        if self.run.steps is None and self.run.epochs <= 0:
             raise ConfigError(f"run.epochs must be > 0, got {self.run.epochs}")
-        if self.run.max_steps is not None and self.run.max_steps <= 0:
-            raise ConfigError(f"run.max_steps must be > 0, got {self.run.max_steps}")
-        if self.data.eval_rows < 0 or self.run.save_every < 0 or self.run.eval_every < 0:
-            raise ConfigError("data.eval_rows, run.save_every and run.eval_every must be >= 0")
+        if self.run.steps is not None and self.run.steps <= 0:
+            raise ConfigError(f"run.steps must be > 0, got {self.run.steps}")
+        if self.eval.rows < 0 or self.run.save_every < 0 or self.eval.every < 0:
+            raise ConfigError("eval.rows, run.save_every and eval.every must be >= 0")
         if len(self.optim.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers, got {self.optim.betas}")
 
@@ -348,7 +338,7 @@ def load_sequences(cfg: SFTDataConfig, tokenizer) -> tuple[list[Sequence], dict]
 
 
 # Keys a resumed run may change (applied and recorded); any other change needs run.resume_override=true.
-RESUME_CADENCE_KEYS = {"run.epochs", "run.max_steps", "run.save_every", "run.keep_checkpoints", "run.eval_every",
+RESUME_CADENCE_KEYS = {"run.epochs", "run.steps", "run.save_every", "run.keep_checkpoints", "eval.every",
                        "run.tensorboard", "run.threads", "run.progress"}
 
 
@@ -376,12 +366,12 @@ class SFTTrainer:
         self.vocab_size = model_vocab_size(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         sequences, self.data_stats = load_sequences(cfg.data, tokenizer)
-        d = cfg.data
-        if d.eval_rows:
-            if d.eval_rows >= len(sequences):
-                raise ConfigError(f"data.eval_rows={d.eval_rows} leaves no training data ({len(sequences)} usable "
+        d, held_out = cfg.data, cfg.eval.rows
+        if held_out:
+            if held_out >= len(sequences):
+                raise ConfigError(f"eval.rows={held_out} leaves no training data ({len(sequences)} usable "
                                   f"conversations)")
-            sequences, self.eval_sequences = sequences[:-d.eval_rows], sequences[-d.eval_rows:]
+            sequences, self.eval_sequences = sequences[:-held_out], sequences[-held_out:]
         else:
             self.eval_sequences = []
         if d.packing:
@@ -393,7 +383,7 @@ class SFTTrainer:
         o = cfg.optim
         self.rows_per_step = o.micro_batch_size * o.grad_accum
         self.steps_per_epoch = math.ceil(len(self.units) / self.rows_per_step)
-        self.total_steps = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * self.steps_per_epoch))
+        self.total_steps = cfg.run.steps or max(1, math.ceil(cfg.run.epochs * self.steps_per_epoch))
         warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_ratio * self.total_steps)
         self.optimizer, self.scheduler = make_optimizer(model.parameters(), dataclasses.replace(o, warmup_steps=warmup),
                                                         self.total_steps)
@@ -481,7 +471,7 @@ class SFTTrainer:
             cadence_keys=RESUME_CADENCE_KEYS, model_key="model.path", loss_key="sft/loss",
             view_keys=["sft/loss", "sft/token_accuracy", "optim/lr", "time/step"],
             max_grad_norm=cfg.optim.max_grad_norm, max_bad_steps=cfg.optim.max_bad_steps,
-            save_every=cfg.run.save_every, eval_every=cfg.run.eval_every, tensorboard=cfg.run.tensorboard,
+            save_every=cfg.run.save_every, eval_every=cfg.eval.every, tensorboard=cfg.run.tensorboard,
             progress=cfg.run.progress)).run()
         summary: dict = {"steps": self.total_steps, "units": len(self.units), "packing": cfg.data.packing,
                          **self.data_stats}

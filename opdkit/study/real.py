@@ -115,11 +115,17 @@ REAL_EXPERIMENTS: tuple[Experiment, ...] = (
                overrides=("objective.prune=truncate",)),
 )
 # Not in the default plan (name them in ``experiments=[...]``): the policy-gradient top-k form with and without
-# the vOPD baseline (issue 15's evidence on a real pair).
+# the vOPD baseline, and Prune-OPD truncate at thresholds where it fires (issue 15's evidence on real pairs).
 REAL_EXTRAS: tuple[Experiment, ...] = (
     Experiment("pg_topk", "base", "rl", train="arith", eval="arith", key=True, overrides=("objective.form=pg",)),
     Experiment("pg_topk_vopd", "base", "rl", train="arith", eval="arith", key=True,
                overrides=("objective.form=pg", "objective.baseline=vopd")),
+    # Prune-OPD where it fires: at the preset threshold 0.5 truncate never stops a row on this pair (the top-16
+    # overlap stays near 0.71); 0.6 is the threshold the study task used for the same purpose.
+    Experiment("long_prune_truncate_t06", "pruned", "base", train="long", eval="long", key=True,
+               overrides=("objective.prune=truncate", "objective.prune_threshold=0.6")),
+    Experiment("long_prune_truncate_t07", "pruned", "base", train="long", eval="long", key=True,
+               overrides=("objective.prune=truncate", "objective.prune_threshold=0.7")),
 )
 # The CI-sized variant: the headline only (OPD from the RL-improved teacher raises held-out accuracy), one seed.
 REAL_QUICK: dict = {
@@ -206,7 +212,7 @@ class RealZoo(ZooPaths):
             cfg = load_config(RolloutRecipeConfig, base={
                 "model": {"path": str(self.model(teacher))},
                 "data": {"train": str(self.data("train_arith")), "add_suffix": "never"},
-                "sampling": {"n": 1, "temperature": 0.7, "top_p": 0.95, "max_new_tokens": self.cfg.max_new_tokens,
+                "rollout": {"n": 1, "temperature": 0.7, "top_p": 0.95, "max_new_tokens": self.cfg.max_new_tokens,
                              "batch_size": 64, "seed": self.cfg.seed},
                 "filter": {"keep_correct_only": True, "max_attempts": 2},
                 "output": {"path": str(out)}, "threads": self.threads})
@@ -221,7 +227,7 @@ class RealZoo(ZooPaths):
             "model": {"path": str(self.model(init))},
             "data": {"train": str(data), "max_length": 256},
             "optim": {"lr": c.sft_lr, "micro_batch_size": c.sft_batch, "schedule": "cosine", "warmup_ratio": 0.1},
-            "run": {"out_dir": str(self.root / name / "run"), "max_steps": steps, "seed": c.seed,
+            "run": {"out_dir": str(self.root / name / "run"), "steps": steps, "seed": c.seed,
                     "tensorboard": False, "progress": False, "threads": self.threads}})
         summary = SFTTrainer(cfg).run()
         link_member(self.root / name / "run" / "final_model", self.model(name))
@@ -316,7 +322,7 @@ class RealZoo(ZooPaths):
             "model": {"path": str(self.model(name))},
             "benchmarks": [{"name": "heldout", "path": str(self.data("eval_arith"))}],
             "data": {"add_suffix": "never"}, "save_samples": False,
-            "sampling": {"n": n, "temperature": temperature, "top_p": 1.0, "max_new_tokens": self.cfg.max_new_tokens,
+            "rollout": {"n": n, "temperature": temperature, "top_p": 1.0, "max_new_tokens": self.cfg.max_new_tokens,
                          "batch_size": 64, "seed": self.cfg.seed},
             "output": str(out), "threads": self.threads})
         return run_eval(cfg)["average"][f"avg@{n}"]
@@ -391,7 +397,10 @@ def run_real_experiment(zoo: RealZoo, exp: Experiment, seed: int, opd: RealOPDCo
                    "overrides": list(exp.overrides), "seconds_per_step": summary.get("seconds_per_step"),
                    "rollout/len_mean@mean": _mean([r.get("rollout/len_mean") for r in rows if "opd/loss" in r]),
                    "rollout/tokens@sum": sum(t for t in tokens if isinstance(t, (int, float))) or None,
-                   "prune/pruned_frac@mean": _mean([r.get("prune/pruned_frac") for r in rows if "opd/loss" in r])})
+                   "prune/pruned_frac@mean": _mean([r.get("prune/pruned_frac") for r in rows if "opd/loss" in r]),
+                   **{f"{key}@mean": _mean([r.get(key) for r in rows if "opd/loss" in r])
+                      for key in ("rollout/tokens", "prune/generated_tokens", "prune/kept_tokens", "prune/drift_frac", "time/rollout",
+                                  "time/teacher", "time/train")}})
     done.write_text(json.dumps(result, indent=1))
     # The study needs the metrics, not the 135M-parameter weights (about 2 GB of model and optimizer state per run).
     for heavy in ("checkpoints", "final_model"):
@@ -415,11 +424,13 @@ def run_probe_for(zoo: RealZoo, exp: Experiment, opd: RealOPDConfig, out: Path, 
         return {}
     overrides = dict(o.split("=", 1) for o in exp.overrides)
     cfg = load_config(ProbeConfig, base={
-        "student": str(zoo.model(exp.student)), "teacher": str(zoo.model(exp.teacher)),
-        "prompts": str(zoo.data("train_arith")), "n_prompts": opd.probe_prompts, "n": 2,
-        "max_new_tokens": zoo.cfg.max_new_tokens, "k": opd.k, "batch_size": 32, "threads": threads,
-        "teacher_temperature": float(overrides.get("teacher.temperature", 1.0)),
-        "teacher_chat_template": overrides.get("teacher.chat_template", "student")})
+        "student": {"path": str(zoo.model(exp.student))},
+        "teacher": {"path": str(zoo.model(exp.teacher)),
+                    "temperature": float(overrides.get("teacher.temperature", 1.0)),
+                    "chat_template": overrides.get("teacher.chat_template", "student")},
+        "data": {"train": str(zoo.data("train_arith")), "limit": opd.probe_prompts},
+        "rollout": {"n": 2, "max_new_tokens": zoo.cfg.max_new_tokens, "batch_size": 32},
+        "k": opd.k, "threads": threads})
     console.print(f"[bold]real study: probe {exp.name}: {exp.student} <- {exp.teacher}[/]")
     result = run_probe(cfg)
     keep = {k: result.get(k) for k in ("verdict", "issues", "reasons", "recipe", "seconds")}

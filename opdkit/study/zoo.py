@@ -166,7 +166,7 @@ class Zoo(ZooPaths):
             "data": {"train": str(data), "max_length": 128},
             "optim": {"lr": c.sft_lr, "micro_batch_size": c.sft_batch, "schedule": "cosine", "warmup_ratio": 0.05,
                       "weight_decay": 0.01},
-            "run": {"out_dir": str(self.root / name / "sft"), "max_steps": steps, "seed": c.seed,
+            "run": {"out_dir": str(self.root / name / "sft"), "steps": steps, "seed": c.seed,
                     "tensorboard": False, "progress": False, "threads": c.threads}})
         summary = SFTTrainer(cfg, model=load_causal_lm(init, "float32"), tokenizer=self.tokenizer).run()
         link_member(self.root / name / "sft" / "final_model", self.model(name))
@@ -201,7 +201,7 @@ class Zoo(ZooPaths):
             cfg = load_config(RolloutRecipeConfig, base={
                 "model": {"path": str(self.model("T_B")), "dtype": "float32"},
                 "data": {"train": str(self.data("cold_start_prompts")), "add_suffix": "never"},
-                "sampling": {"n": 1, "temperature": 0.7, "top_p": 0.95, "max_new_tokens": 32, "batch_size": 64,
+                "rollout": {"n": 1, "temperature": 0.7, "top_p": 0.95, "max_new_tokens": 32, "batch_size": 64,
                              "seed": c.seed},
                 "output": {"path": str(out)}, "threads": c.threads})
             run_rollout(cfg)
