@@ -78,6 +78,23 @@ def test_claim_verdicts_follow_the_numbers():
     assert real_claims(weak, cards, {})[0]["holds"] == "partly"
 
 
+def test_prune_claim_needs_a_faster_step_at_equal_heldout_kl():
+    def run(s_per_step, kl_after, **extra):
+        return {"seconds_per_step": s_per_step, "eval/reverse_kl@after": kl_after, **extra}
+
+    none = {"long_responses": [run(36.0, 0.45, **{"rollout/tokens@mean": 1140.0})]}
+    rows = {r["claim"].split(" (")[0]: r for r in real_claims(none, {}, {})}
+    assert "Prune-OPD truncate" not in rows  # the extra row appears only once one of its runs exists
+    cut = {"prune/pruned_frac@mean": 0.3, "prune/generated_tokens@mean": 900.0, "prune/kept_tokens@mean": 800.0}
+    for t06, holds in (((30.0, 0.46), "holds"),   # faster, KL within 5 %
+                       ((30.0, 0.50), "partly"),  # faster, but KL 11 % above
+                       ((38.0, 0.60), "does not hold")):
+        results = {**none, "long_prune_truncate_t06": [run(*t06, **cut)]}
+        row = next(r for r in real_claims(results, {}, {}) if r["claim"].startswith("Prune-OPD"))
+        assert row["holds"] == holds, (t06, row)
+        assert "pruned share 0.300" in row["ours"] and "trained 800 vs 1140 without" in row["ours"]
+
+
 def test_probe_table_scores_the_probe_against_outcomes():
     results = {"new_capability": [{"accuracy_gain": 0.3}], "same_pipeline": [{"accuracy_gain": 0.01}],
                "reverse": [{"accuracy_gain": -0.3}]}
