@@ -2,6 +2,7 @@
 
     python scripts/vopd_prune_evidence.py zoo       OUT   # S0, T_new, T_B (the study's zoo, default settings)
     python scripts/vopd_prune_evidence.py variance  OUT   # gradient variance at equal batch size, S0 <- T_new
+    python scripts/vopd_prune_evidence.py variance-real OUT [STUDY]  # the same on the real study's base <- rl
     python scripts/vopd_prune_evidence.py vopd      OUT   # training runs, 3 seeds (cached per run)
     python scripts/vopd_prune_evidence.py prune     OUT   # longer responses: none / downweight / truncate
     python scripts/vopd_prune_evidence.py timing    OUT   # interleaved step timing of the prune variants
@@ -59,57 +60,98 @@ def cmd_zoo(out: Path) -> None:
     zoo(out).build(("S0", "T_new", "T_B"))
 
 
-def cmd_variance(out: Path, student: str | None = None, tag: str = "S0", batches: int = 24) -> None:
-    """Gradients of R independent step batches (16 prompts x 2 rollouts) at S0 (or ``student``, a model
-    directory), each objective with and without vOPD on the *same* rollouts; total variance = Σ_params Var_R(g).
-    Also the probe's logit-space second-moment ratio on the same rollouts."""
+class GradientMoments:
+    """Running Σg and Σ|g|² of flattened gradients: total variance Σ_params Var(g) without keeping every gradient
+    (a 135M-parameter student's gradients are 0.5 GB each)."""
+
+    def __init__(self):
+        self.count, self.total, self.sq_norms = 0, None, []
+
+    def add(self, g: torch.Tensor) -> None:
+        g = g.double()
+        self.total = g.clone() if self.total is None else self.total.add_(g)
+        self.sq_norms.append(float(g.square().sum()))
+        self.count += 1
+
+    def stats(self) -> dict:
+        mean = self.total / self.count
+        mean_sq = statistics.fmean(self.sq_norms)
+        # unbiased: Σ_p Var(g_p) = n/(n-1) (E|g|² - |E g|²)
+        variance = (mean_sq - float(mean.square().sum())) * self.count / (self.count - 1)
+        return {"total_variance": variance, "mean_grad_norm": float(mean.norm()), "mean_sq_norm": mean_sq}
+
+
+def gradient_variance(d, batches: int, with_probe_ratio: bool) -> dict:
+    """Gradients of ``batches`` independent step batches of the Distiller ``d``, with and without vOPD on the
+    *same* rollouts (equal batch size); their total variances, ratio and mean-gradient cosine."""
     from opdkit import losses
+
+    moments = {"none": GradientMoments(), "vopd": GradientMoments()}
+    probe_ratio = []
+    for r in range(batches):
+        ro = d.rollout(d.sampler.next_batch(), 10_000 + r)
+        scores = d.score(ro)
+        for baseline, m in moments.items():
+            d.cfg.objective.baseline = baseline
+            _, d.step_batch = d.update(ro, scores, None)
+            m.add(torch.cat([p.grad.flatten() for p in d.student.parameters() if p.grad is not None]))
+            d.optimizer.zero_grad(set_to_none=True)
+        if with_probe_ratio:
+            b = d.step_batch
+            on_student = b.candidates.student(b.student_logp_at)
+            base = losses.vopd_baseline(on_student, scores.logp_at_student_topk,
+                                        torch.ones_like(scores.logp_at_student_topk, dtype=torch.bool))
+            probe_ratio.append(losses.pg_second_moment_ratio(b.student_logp_sampled, scores.sampled_logp, base,
+                                                             on_student, ro.response_mask))
+    stats = {baseline: m.stats() for baseline, m in moments.items()}
+    none, vopd = moments["none"].total, moments["vopd"].total
+    stats["variance_ratio"] = stats["vopd"]["total_variance"] / stats["none"]["total_variance"]
+    stats["mean_cosine"] = float(torch.nn.functional.cosine_similarity(none, vopd, 0))
+    stats["entropy_student"] = float((d.step_batch.student_entropy * ro.response_mask).sum() / ro.response_mask.sum())
+    if probe_ratio:
+        stats["logit_space_second_moment_ratio"] = statistics.fmean(probe_ratio)
+    return stats
+
+
+FORMS = (("sampled", ("objective.name=sampled",)), ("top16_pg", ("objective.form=pg",)))
+
+
+def cmd_variance(out: Path, student: str | None = None, tag: str = "S0", batches: int = 24) -> None:
+    """Gradient variance at S0 (or ``student``, a model directory) <- T_new, 16 prompts x 2 rollouts per batch;
+    also the probe's logit-space second-moment ratio on the same rollouts."""
     from opdkit.train import Distiller
 
     torch.set_num_threads(1)
     z = zoo(out)
     rows = {}
-    for form, overrides in (("sampled", ("objective.name=sampled",)), ("top16_pg", ("objective.form=pg",))):
-        exp = Experiment(f"var_{form}", "S0", "T_new", overrides=overrides)
-        cfg = distill_config(z, exp, 0, OPDConfig(), out / "variance")
+    for form, overrides in FORMS:
+        cfg = distill_config(z, Experiment(f"var_{form}", "S0", "T_new", overrides=overrides), 0, OPDConfig(),
+                             out / "variance")
         if student:
             cfg.student.path = student
-        d = Distiller(cfg, log_to_disk=False)
-        grads = {"none": [], "vopd": []}
-        probe_ratio = []
-        for r in range(batches):
-            ro = d.rollout(d.sampler.next_batch(), 10_000 + r)
-            scores = d.score(ro)
-            for baseline in grads:
-                d.cfg.objective.baseline = baseline
-                _, d.step_batch = d.update(ro, scores, None)
-                grads[baseline].append(torch.cat([p.grad.flatten() for p in d.student.parameters()]))
-                d.optimizer.zero_grad(set_to_none=True)
-            if form == "sampled":
-                b = d.step_batch
-                on_student = b.candidates.student(b.student_logp_at)
-                base = losses.vopd_baseline(on_student, scores.logp_at_student_topk,
-                                            torch.ones_like(scores.logp_at_student_topk, dtype=torch.bool))
-                probe_ratio.append(losses.pg_second_moment_ratio(b.student_logp_sampled, scores.sampled_logp, base,
-                                                                 on_student, ro.response_mask))
-        stats = {}
-        for baseline, gs in grads.items():
-            g = torch.stack(gs)
-            mean = g.mean(0)
-            stats[baseline] = {"total_variance": float(g.var(0).sum()), "mean_grad_norm": float(mean.norm()),
-                               "mean_sq_norm": float(g.square().sum(1).mean())}
-        cos = torch.nn.functional.cosine_similarity(torch.stack(grads["none"]).mean(0),
-                                                    torch.stack(grads["vopd"]).mean(0), 0)
-        stats["variance_ratio"] = stats["vopd"]["total_variance"] / stats["none"]["total_variance"]
-        stats["mean_cosine"] = float(cos)
-        stats["entropy_student"] = float((d.step_batch.student_entropy * ro.response_mask).sum()
-                                         / ro.response_mask.sum())
-        if probe_ratio:
-            stats["logit_space_second_moment_ratio"] = statistics.fmean(probe_ratio)
-        rows[form] = stats
-        print(form, json.dumps(stats, indent=1))
-    (out / f"variance_{tag}.json").write_text(json.dumps({"student": student or "S0", "batches": batches,
+        rows[form] = gradient_variance(Distiller(cfg, log_to_disk=False), int(batches), form == "sampled")
+        print(form, json.dumps(rows[form], indent=1))
+    (out / f"variance_{tag}.json").write_text(json.dumps({"student": student or "S0", "batches": int(batches),
                                                           "batch_rows": 32, **rows}, indent=1))
+
+
+def cmd_variance_real(out: Path, study: str = "/tmp/runs/real", batches: int = 12) -> None:
+    """The same measurement on the real study's new-capability pair (SmolLM2-135M base <- its GRPO teacher,
+    8 prompts x 2 rollouts per batch, the study's OPD settings); ``study`` is an ``opdkit study --real`` output
+    whose zoo is built."""
+    from opdkit.study.real import RealOPDConfig, RealZoo, RealZooConfig, real_distill_config
+    from opdkit.train import Distiller
+
+    real = RealZoo(Path(study) / "zoo", RealZooConfig())
+    rows = {}
+    for form, overrides in FORMS:
+        cfg = real_distill_config(real, Experiment(f"var_{form}", "base", "rl", train="arith", eval="arith",
+                                                   overrides=overrides), 0, RealOPDConfig(), out / "variance_real")
+        rows[form] = gradient_variance(Distiller(cfg, log_to_disk=False), int(batches), form == "sampled")
+        print(form, json.dumps(rows[form], indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "variance_real.json").write_text(json.dumps({"student": "base", "teacher": "rl", "batches": int(batches),
+                                                        "batch_rows": 16, **rows}, indent=1))
 
 
 def cmd_vopd(out: Path, only: str | None = None, seeds: str | None = None) -> None:
@@ -285,6 +327,6 @@ def markdown(tables: dict) -> str:
 if __name__ == "__main__":
     command, where = sys.argv[1], Path(sys.argv[2])
     started = time.perf_counter()
-    {"zoo": cmd_zoo, "variance": cmd_variance, "vopd": cmd_vopd, "prune": cmd_prune, "timing": cmd_timing,
+    {"zoo": cmd_zoo, "variance": cmd_variance, "variance-real": cmd_variance_real, "vopd": cmd_vopd, "prune": cmd_prune, "timing": cmd_timing,
      "report": cmd_report}[command](where, *sys.argv[3:])
     print(f"{command}: {time.perf_counter() - started:.0f} s")
