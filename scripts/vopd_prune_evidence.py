@@ -6,6 +6,7 @@
     python scripts/vopd_prune_evidence.py vopd      OUT   # training runs, 3 seeds (cached per run)
     python scripts/vopd_prune_evidence.py prune     OUT   # longer responses: none / downweight / truncate
     python scripts/vopd_prune_evidence.py timing    OUT   # interleaved step timing of the prune variants
+    python scripts/vopd_prune_evidence.py timing-real OUT [STUDY]  # the same on the real long-response pair
     python scripts/vopd_prune_evidence.py report    OUT   # tables (stdout, OUT/tables.json) and figures
 
 Every run is a ``Distiller`` run built by the study's ``distill_config``; results are cached like the study's.
@@ -205,6 +206,38 @@ def cmd_timing(out: Path, reps: int = 6) -> None:
     print(json.dumps(result, indent=1))
 
 
+def cmd_timing_real(out: Path, study: str = "/tmp/runs/real", reps: int = 4) -> None:
+    """Step time of the real long-response pair (pruned SmolLM2 <- SmolLM2, DAPO-Math, up to 384 tokens) without
+    pruning and with Prune-OPD truncate at threshold 0.7, stepping in turn so that load drifts alike over both."""
+    from opdkit.study.real import REAL_EXTRAS, REAL_EXPERIMENTS, RealOPDConfig, RealZoo, RealZooConfig, \
+        real_distill_config
+    from opdkit.train import Distiller
+
+    real = RealZoo(Path(study) / "zoo", RealZooConfig())
+    exps = {e.name: e for e in REAL_EXPERIMENTS + REAL_EXTRAS}
+    names = ("long_responses", "long_prune_truncate_t07")
+    opd = RealOPDConfig(long_steps=int(reps))
+    ds = {n: Distiller(real_distill_config(real, exps[n], 0, opd, out / "timing_real"), log_to_disk=False)
+          for n in names}
+    rows: dict = {n: [] for n in names}
+    for step in range(1, int(reps) + 1):
+        for n, d in ds.items():
+            m, _ = d.opd_step(step)
+            rows[n].append(m)
+    result = {}
+    for n, ms in rows.items():
+        result[n] = {k: statistics.median(m[k] for m in ms) for k in
+                     ("time/step", "time/rollout", "time/teacher", "time/train", "rollout/tokens", "rollout/len_max")}
+        result[n]["generated_tokens"] = statistics.median(m.get("prune/generated_tokens", m["rollout/tokens"])
+                                                          for m in ms)
+        result[n]["step_times"] = [m["time/step"] for m in ms]
+    for n in names:
+        result[n]["step_time_vs_none"] = result[n]["time/step"] / result[names[0]]["time/step"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "timing_real.json").write_text(json.dumps({"reps": int(reps), **result}, indent=1))
+    print(json.dumps(result, indent=1))
+
+
 def _metrics(run: Path) -> list[dict]:
     from opdkit.tracking import read_metrics
 
@@ -327,6 +360,6 @@ def markdown(tables: dict) -> str:
 if __name__ == "__main__":
     command, where = sys.argv[1], Path(sys.argv[2])
     started = time.perf_counter()
-    {"zoo": cmd_zoo, "variance": cmd_variance, "variance-real": cmd_variance_real, "vopd": cmd_vopd, "prune": cmd_prune, "timing": cmd_timing,
-     "report": cmd_report}[command](where, *sys.argv[3:])
+    {"zoo": cmd_zoo, "variance": cmd_variance, "variance-real": cmd_variance_real, "timing-real": cmd_timing_real,
+     "vopd": cmd_vopd, "prune": cmd_prune, "timing": cmd_timing, "report": cmd_report}[command](where, *sys.argv[3:])
     print(f"{command}: {time.perf_counter() - started:.0f} s")

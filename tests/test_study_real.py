@@ -93,6 +93,12 @@ def test_prune_claim_needs_a_faster_step_at_equal_heldout_kl():
         row = next(r for r in real_claims(results, {}, {}) if r["claim"].startswith("Prune-OPD"))
         assert row["holds"] == holds, (t06, row)
         assert "pruned share 0.300" in row["ours"] and "trained 800 vs 1140 without" in row["ours"]
+    # a threshold at which no row drifted says so, and does not count for or against the claim
+    idle = {"prune/pruned_frac@mean": 0.0, "prune/drift_frac@mean": 0.0}
+    results = {**none, "long_prune_truncate_t06": [run(37.0, 0.47, **idle)],
+               "long_prune_truncate_t07": [run(30.0, 0.46, **cut)]}
+    row = next(r for r in real_claims(results, {}, {}) if r["claim"].startswith("Prune-OPD"))
+    assert row["holds"] == "holds" and "never fired" in row["ours"].split("; threshold 0.7")[0]
 
 
 def test_probe_table_scores_the_probe_against_outcomes():

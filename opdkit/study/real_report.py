@@ -162,6 +162,9 @@ def _prune(r: Results, cards: dict, probes: dict) -> tuple[str, str]:
             f"{fmt(r, name, 'prune/kept_tokens@mean', 0)} vs {fmt(r, none, 'rollout/tokens@mean', 0)} without; "
             f"s/step {fmt(r, name, 'seconds_per_step', 1)} vs {fmt(r, none, 'seconds_per_step', 1)}; held-out "
             f"reverse KL after {fmt(r, name, 'eval/reverse_kl@after', 3)} vs {fmt(r, none, 'eval/reverse_kl@after', 3)}")
+        if not max(mean(r, name, "prune/drift_frac@mean") or 0, mean(r, name, "prune/pruned_frac@mean") or 0):
+            ours[-1] += " (never fired: no row drifted, so it is plain OPD plus the streamed teacher)"
+            continue
         kl, kl0 = mean(r, name, "eval/reverse_kl@after"), mean(r, none, "eval/reverse_kl@after")
         # "saves time at equal quality": faster per step, held-out KL no more than 5 % above no pruning
         outcomes += [_lt(mean(r, name, "seconds_per_step"), mean(r, none, "seconds_per_step")),
