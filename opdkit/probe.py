@@ -97,6 +97,11 @@ class ProbeThresholds:
     vopd_ratio: float = _help(
         "vOPD's baseline shrinking the sampled-token gradient's second moment below this share = recommend "
         "objective.baseline=vopd for the policy-gradient forms", default=0.8)
+    prune_min_length: float = _help(
+        "student responses at least this long on average (tokens) = judge Prune-OPD for them", default=256.0)
+    prune_overlap_drop: float = _help(
+        "top-k overlap of the last response quarter this much below the first = the prefix drifts: recommend "
+        "Prune-OPD truncate", default=0.05)
 
 
 @dataclass
@@ -406,6 +411,32 @@ def vopd_advice(r: dict, th: ProbeThresholds, fired: list[str]) -> Finding:
     return Finding(notes=[pg + ("; keep objective.baseline=none" if vopd >= 1 else "")])
 
 
+def prune_advice(r: dict, th: ProbeThresholds, fired: list[str]) -> Finding:
+    """Advice, not an issue: Prune-OPD for long responses, only where the overlap falls along them.
+
+    Prune-OPD truncates a row once its top-k overlap stays low: a saving where low overlap marks a drifted prefix,
+    random cuts where the overlap is simply low everywhere (the real study's long pair: 0.70-0.74 in every
+    quarter, so the threshold that fires is the average and prunes rows at random as much as at drift).
+    """
+    length = ((r.get("rollouts") or {}).get("student") or {}).get("len_mean")
+    quarters = r.get("by_position") or {}
+    first, last = (quarters.get(q, {}).get("overlap_ratio") for q in ("pos_q1", "pos_q4"))
+    if length is None or length < th.prune_min_length or None in (first, last):
+        return Finding()
+    if "change_teacher" in fired or "align_template" in fired:
+        return Finding()
+    seen = (f"student responses average {length:.0f} tokens; top-{r['k']} overlap {first:.2f} in the first "
+            f"quarter of the response, {last:.2f} in the last")
+    if first - last >= th.prune_overlap_drop:
+        threshold = round((first + last) / 2, 2)
+        return Finding(notes=[seen + f": the overlap falls by {first - last:.2f} (≥ {th.prune_overlap_drop})"],
+                       step=f"long responses whose overlap falls along them: objective.prune=truncate with "
+                            f"objective.prune_threshold={threshold} (between the early and late overlap) stops "
+                            f"drifted rows and saves their tokens (Prune-OPD); watch prune/pruned_frac")
+    return Finding(notes=[seen + ": it does not fall along the response, so Prune-OPD's threshold would cut rows "
+                                 "at random, not at drift; keep objective.prune=none"])
+
+
 def decide(r: dict, th: ProbeThresholds) -> dict:
     """The verdict, its reasons and the recommended recipe from one teacher's probe numbers (paper §3-§5).
 
@@ -431,9 +462,9 @@ def decide(r: dict, th: ProbeThresholds) -> dict:
         reasons += f.reasons
         fired.append(f.issue)
         recipe.append(f.step)
-    advice = vopd_advice(r, th, fired)
-    reasons += advice.notes
-    recipe += [advice.step] if advice.step else []
+    for advice in (vopd_advice(r, th, fired), prune_advice(r, th, fired)):
+        reasons += advice.notes
+        recipe += [advice.step] if advice.step else []
     last = closing_step(fired)
     return {"verdict": fired[0] if fired else "distill", "issues": fired, "reasons": reasons,
             "recipe": recipe + ([last] if last else [])}

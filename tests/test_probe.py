@@ -284,6 +284,21 @@ def _numbers(**over):
     return r
 
 
+def _long(length, first, last):
+    """Long student responses whose first/last-quarter overlap is ``first``/``last``."""
+    return _numbers(rollouts={"student": {"len_mean": length}},
+                    by_position={"pos_q1": {"overlap_ratio": first}, "pos_q4": {"overlap_ratio": last}})
+
+
+def test_prune_advice_only_for_long_responses_whose_overlap_falls():
+    drifting = decide(_long(300, 0.80, 0.62), ProbeThresholds())["recipe"]
+    assert any("objective.prune=truncate with objective.prune_threshold=0.71" in step for step in drifting)
+    for flat in (_long(300, 0.71, 0.72), _long(100, 0.80, 0.62), _numbers()):  # flat, short, no profile
+        out = decide(flat, ProbeThresholds())
+        assert not any("objective.prune=" in step and "truncate" in step for step in out["recipe"]), out["recipe"]
+    assert not any("Prune-OPD" in r or "prune" in r for r in decide(_long(100, 0.8, 0.6), ProbeThresholds())["reasons"])
+
+
 def _template(better, shift, own_accuracy=0.5):
     rendering = {"accuracy": 0.5, "ended": 1.0, "teacher_logp_own_tokens": -0.5}
     return {"configured": "student", "better": better, "shift_reverse_kl": shift,
@@ -316,6 +331,8 @@ def _template(better, shift, own_accuracy=0.5):
     (_numbers(accuracy=None), "distill", "no answers"),
     (_numbers(vopd_second_moment_ratio=0.45), "distill", "by 0.45 on these rollouts (< 0.8)"),
     (_numbers(vopd_second_moment_ratio=1.7), "distill", "by 1.70 on these rollouts; keep objective.baseline=none"),
+    (_long(300, 0.80, 0.62), "distill", "the overlap falls by 0.18 (≥ 0.05)"),
+    (_long(300, 0.71, 0.72), "distill", "it does not fall along the response"),
 ])
 def test_decide_by_hand(numbers, verdict, phrase):
     out = decide(numbers, ProbeThresholds())
