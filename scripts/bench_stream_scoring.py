@@ -5,11 +5,11 @@
 
 The teacher is the test suite's fake OpenAI-style server (``tests.test_engines.FakeTeacherServer``, so this
 needs the dev install), in a process of its own, answering every scoring request after ``--latency`` seconds:
-a stand-in for a remote ``vllm serve`` whose compute is elsewhere. The student is the demo's 26-layer SmolLM2 (``--tiny``: the
-suite's tiny random Llama, whose decoding is too short to hide anything behind; ``--decode-delay S`` adds S
-seconds of sleep to every forward of the sampling model, a slower student whose timing no CPU load can
-disturb, for a structural figure on a shared machine). Both settings run in
-alternation, one warm-up step each and then ``--steps`` steps; the result is the median per mode of time/step,
+a stand-in for a remote ``vllm serve`` whose compute is elsewhere. The student is the demo's 26-layer SmolLM2
+(``--tiny``: the suite's tiny random Llama, whose decoding is too short to hide anything behind;
+``--decode-delay S`` adds S seconds of sleep to every forward of the sampling model: a slower student whose
+timing no CPU load disturbs, for a structural figure on a shared machine). Both settings run in alternation,
+one warm-up step each and then ``--steps`` steps; the result is the median per mode of time/step,
 time/rollout, time/teacher (the server's busy time) and time/teacher_wait (what the step waited for it).
 """
 
