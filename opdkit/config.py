@@ -132,6 +132,10 @@ class TeacherConfig(ScoringTeacherConfig):
     max_retries: int = _help("retries with exponential backoff for a served teacher", default=4)
     request_batch_size: int = _help("served teacher: sequences per HTTP request", default=8)
     concurrency: int = _help("served teacher: requests in flight at once", default=4)
+    stream_scoring: Optional[bool] = _help(
+        "served teacher: send rollout rows as soon as they finish sampling, request_batch_size at a time, so "
+        "scoring overlaps the decoding of the rows still running; null: on where it applies (teacher.engine="
+        "server without teacher.route, rollout.engine=hf, run.pipeline=sync)", default=None)
     vllm_gpu_memory_utilization: float = _help("in-process vLLM teacher: fraction of GPU memory (GPU only)",
                                                default=0.3)
     vllm_kv_cache_gib: int = _help("in-process vLLM teacher on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); "

@@ -36,7 +36,7 @@ from .packing import enable_varlen_attention
 from .pipeline import build_pipeline
 from .models import DTYPES, eos_token_ids, load_causal_lm, load_teacher, load_tokenizer, model_vocab_size, \
     resolve_model_path
-from .engines.base import Rollout, TeacherScores
+from .engines.base import Rollout, TeacherScores, TeacherStream
 from .student import TeacherLogits, student_forward
 from .tracking import console
 from .hardware import configure_threads
@@ -50,12 +50,35 @@ RESUME_CADENCE_KEYS = {"run.steps", "run.save_every", "run.keep_checkpoints", "r
                        "run.threads", "run.rollout_threads", "run.progress", "eval.every",
                        # how the same computation is laid out over processes (sharded checkpoints re-shard)
                        "distributed.strategy", "distributed.cpu_offload", "distributed.reshard_after_forward",
-                       "distributed.memory_table"}
+                       "distributed.memory_table",
+                       "teacher.stream_scoring"}  # when rows are sent to a served teacher, not what it returns
 
 
 def step_seed(seed: int, step: int) -> int:
     """Sampling seed of one step: distinct per (seed, step), independent of how the run was split."""
     return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
+
+
+def stream_scoring(cfg: DistillConfig) -> bool:
+    """``teacher.stream_scoring`` resolved: null is on wherever it applies, true where it cannot is refused."""
+    t = cfg.teacher
+    # (applies, why not): rows can be scored one by one only by a served teacher, fed by the HF sampling loop
+    conditions = [
+        (not cfg.uses_teacher or t.engine == "server",
+         f"teacher.engine={t.engine} scores whole rollouts (a local teacher would compete with the student's "
+         f"decoding for the same cores or device)"),
+        (not t.route, "teacher.route scores whole rollouts"),
+        (cfg.rollout.engine == "hf", "rollout.engine=vllm returns the rollout all at once"),
+        (cfg.run.pipeline == "sync", f"run.pipeline={cfg.run.pipeline} already overlaps the teacher's scoring with "
+                                     f"the next step's rollout"),
+        (cfg.objective.prune != "truncate", "objective.prune=truncate scores the rows with its own teacher pass "
+                                            "while they are sampled"),
+    ]
+    blockers = [why for applies, why in conditions if not applies]
+    if t.stream_scoring and blockers:
+        raise ConfigError(f"teacher.stream_scoring=true cannot apply: {'; '.join(blockers)}. Leave "
+                          f"teacher.stream_scoring unset (or false)")
+    return cfg.uses_teacher and t.stream_scoring is not False and not blockers
 
 
 def rank_devices(cfg: DistillConfig) -> tuple[str, str]:
@@ -143,6 +166,7 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, *, student=None, teacher_model=None, tokenizer=None,
                  teacher_tokenizer=None, log_to_disk: bool = True):
         self.cfg = cfg
+        self.stream_scoring = stream_scoring(cfg)
         configure_threads(cfg.run.threads)
         self.student_device, self.teacher_device = rank_devices(cfg)
         self.dist: DistInfo = init_from_env(self.student_device)
@@ -287,28 +311,48 @@ class Distiller:
 
     # -- one step ------------------------------------------------------------------------------------
 
-    def rollout(self, indices: list[int], seed: int, stop_hook=None) -> Rollout:
-        """Sample this rank's block of the step's prompts (all of them in a single process)."""
+    def rollout(self, indices: list[int], seed: int, stop_hook=None, scorer: TeacherStream | None = None) -> Rollout:
+        """Sample this rank's block of the step's prompts (all of them in a single process); ``scorer`` gets each
+        row as soon as it finishes."""
         c = self.cfg.rollout
         start, end = shard_bounds(len(indices), self.dist)
         local = indices[start:end]
-        extra = {} if stop_hook is None else {"stop_hook": stop_hook}  # only the HF engine takes a stop hook
-        return self.engine.generate([self.train_set[i].prompt_ids for i in local], n=c.n,
-                                    temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
-                                    topk=self.k, seed=seed, example_index=local, row_offset=start * c.n,
-                                    min_new_tokens=c.min_new_tokens, **extra)
+        extra = {} if stop_hook is None else {"stop_hook": stop_hook}  # only the HF engine takes these
+        if scorer is not None:
+            extra["on_finished"] = scorer.submit
+        try:
+            return self.engine.generate([self.train_set[i].prompt_ids for i in local], n=c.n,
+                                        temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
+                                        topk=self.k, seed=seed, example_index=local, row_offset=start * c.n,
+                                        min_new_tokens=c.min_new_tokens, **extra)
+        except BaseException:
+            if scorer is not None:
+                scorer.close()
+            raise
+
+    def teacher_prompts(self, indices: list[int]) -> list[list[int]]:
+        """The teacher's prompt ids of this rank's rollout rows (each prompt n times), in the rollout's order."""
+        start, end = shard_bounds(len(indices), self.dist)
+        return [self.train_set[i].teacher_ids for i in indices[start:end] for _ in range(self.cfg.rollout.n)]
 
     def drift_stop(self, indices: list[int]) -> DriftStop:
         """Prune-OPD truncate: the teacher scores this rank's rollout rows chunk by chunk while they are sampled."""
         o = self.cfg.objective
-        start, end = shard_bounds(len(indices), self.dist)
-        rows = [self.train_set[i].teacher_ids for i in indices[start:end] for _ in range(self.cfg.rollout.n)]
-        return DriftStop(self.teacher, rows, k=self.k, threshold=o.prune_threshold, window=o.prune_window,
-                         pad_id=self.pad_id, eos_ids=self.eos_ids, keep_hidden=self.objective.full_vocab)
+        return DriftStop(self.teacher, self.teacher_prompts(indices), k=self.k, threshold=o.prune_threshold,
+                         window=o.prune_window, pad_id=self.pad_id, eos_ids=self.eos_ids,
+                         keep_hidden=self.objective.full_vocab)
 
-    def score(self, rollout: Rollout) -> TeacherScores | None:
+    def stream_scorer(self, indices: list[int]) -> TeacherStream | None:
+        """With ``teacher.stream_scoring``: a scorer that takes this rank's rows as they finish sampling."""
+        if not self.stream_scoring:
+            return None
+        return self.teacher.stream(self.teacher_prompts(indices), k=self.k, keep_hidden=self.objective.full_vocab)
+
+    def score(self, rollout: Rollout, scorer: TeacherStream | None = None) -> TeacherScores | None:
         if self.teacher is None:
             return None
+        if scorer is not None:
+            return scorer.finish(rollout.response_ids, rollout.response_mask)
         prompts = [self.train_set[i].teacher_ids for i in rollout.example_index]
         return self.teacher.score(prompts, rollout.response_ids, rollout.response_mask, k=self.k,
                                   student_topk_ids=rollout.topk_ids if "at_ids" in self.teacher.capabilities else None,
@@ -394,25 +438,30 @@ class Distiller:
         Returns the step loss and ``finish(optim_metrics) -> (metrics, batch)``, to call after the update."""
         timer = PhaseTimer()
         self.step_extra = {}
+        stop = scorer = None
         with timer("rollout"):
             if self.pipeline is not None:  # sampled on the pipeline's worker while the last step trained
-                stop, rollout = None, self.pipeline.rollout_for(step, self.step_extra)
+                rollout = self.pipeline.rollout_for(step, self.step_extra)
             else:
                 indices = self.sampler.next_batch()
                 stop = self.drift_stop(indices) if self.cfg.objective.prune == "truncate" else None
-                rollout = self.rollout(indices, step_seed(self.cfg.run.seed, step), stop_hook=stop)
+                scorer = self.stream_scorer(indices)  # scores rows while the rest are sampled
+                rollout = self.rollout(indices, step_seed(self.cfg.run.seed, step), stop_hook=stop, scorer=scorer)
         if stop is not None:
-            # the teacher's chunks ran inside the decode loop: book them as teacher time
+            # the teacher's chunks ran inside the decode loop, and the step waited for them
             timer.seconds["rollout"] -= stop.seconds
-            timer.seconds["teacher"] = stop.seconds
-        with timer("teacher"):
+            timer.seconds["teacher_wait"] = stop.seconds
+        # the phases follow one another (time/step is their sum): the teacher's phase is the step's wait for it
+        with timer("teacher_wait"):
             if stop is None:
-                scores = self.score(rollout)
+                scores = self.score(rollout, scorer)
             else:
                 generated = rollout.response_mask.clone()
                 scores, kept = stop.scores(rollout.response_ids, rollout.topk_ids)
                 rollout = cut_rollout(rollout, kept)
                 self.step_extra.update(self._truncate_metrics(stop, generated, kept))
+        # the teacher's own time: all of the wait, unless streamed requests overlapped the rollout
+        self.step_extra["time/teacher"] = timer.seconds["teacher_wait"] if scorer is None else scorer.seconds
         with timer("rollout"):
             texts = decode_responses(self.tokenizer, rollout.response_ids, rollout.response_mask)
             rewards = self.outcome_rewards(rollout, texts)
@@ -654,7 +703,7 @@ class Distiller:
                 summary["samples_after"] = result.samples_after[:4]
         step_times: dict[str, list[float]] = {}
         for metrics in result.history:
-            for key in ("time/rollout", "time/teacher", "time/train", "time/step"):
+            for key in ("time/rollout", "time/teacher", "time/teacher_wait", "time/train", "time/step"):
                 step_times.setdefault(key, []).append(metrics[key])
         summary.update({
             "wall_seconds": result.wall_seconds,

@@ -138,14 +138,26 @@ def fake_logprob(position: int, token: int) -> float:
     return -0.1 * ((token + position) % 10) - 1.0
 
 
+def fake_prompt_logprobs(ids: list[int], k: int) -> list:
+    """vLLM's prompt_logprobs of one sequence: ``fake_logprob`` at each token, ids 3..3+k-1 as the top-k."""
+    rows = [None]
+    for j in range(1, len(ids)):
+        top = {str(3 + r): {"logprob": -0.01 * (r + 1), "rank": r + 1} for r in range(k)}
+        top.setdefault(str(ids[j]), {"logprob": fake_logprob(j, ids[j]), "rank": k + 5})
+        rows.append(top)
+    return rows
+
+
 class FakeTeacherServer:
-    """Speaks the part of vLLM's OpenAI API the client uses; prompt log-probs follow ``fake_logprob`` and the
-    top-k at every position is ids 3..3+k-1 with log-prob -0.01·rank. Can fail, stall, or lie about itself."""
+    """Speaks the part of vLLM's OpenAI API the client uses; prompt log-probs come from ``logprobs(ids, k)``
+    (``fake_prompt_logprobs`` unless a test sets another) for each sequence on its own. Can fail, stall, or lie
+    about itself; ``on_completion(prompts)``, if set, sees each scoring request as it arrives."""
 
     def __init__(self, tokenizer, model="fake-teacher"):
         self.tokenizer, self.model = tokenizer, model
         self.fail_next, self.delay, self.tokenize_shift = 0, 0.0, 0
         self.batch_sizes: list[int] = []
+        self.logprobs, self.on_completion = fake_prompt_logprobs, None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -168,6 +180,8 @@ class FakeTeacherServer:
                 if self.path == "/tokenize":
                     ids = server.tokenizer(req["prompt"], add_special_tokens=False)["input_ids"]
                     return self._send(200, {"tokens": [i + server.tokenize_shift for i in ids]})
+                if server.on_completion is not None:
+                    server.on_completion(req["prompt"])
                 if server.fail_next:
                     server.fail_next -= 1
                     return self._send(503, {"error": "overloaded"})
@@ -175,15 +189,8 @@ class FakeTeacherServer:
                 if req["prompt_logprobs"] > 5:
                     return self._send(400, {"error": "requested prompt_logprobs exceeds max logprobs (5)"})
                 server.batch_sizes.append(len(req["prompt"]))
-                k = req["prompt_logprobs"]
-                choices = []
-                for n, ids in enumerate(req["prompt"]):
-                    rows = [None]
-                    for j in range(1, len(ids)):
-                        top = {str(3 + r): {"logprob": -0.01 * (r + 1), "rank": r + 1} for r in range(k)}
-                        top.setdefault(str(ids[j]), {"logprob": fake_logprob(j, ids[j]), "rank": k + 5})
-                        rows.append(top)
-                    choices.append({"index": n, "text": "", "prompt_logprobs": rows})
+                choices = [{"index": n, "text": "", "prompt_logprobs": server.logprobs(ids, req["prompt_logprobs"])}
+                           for n, ids in enumerate(req["prompt"])]
                 self._send(200, {"choices": choices[::-1]})  # order must come from "index"
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -3,7 +3,8 @@
 A rollout engine turns prompts into a ``Rollout``; a teacher engine turns a rollout into ``TeacherScores``.
 ``RolloutEngine`` and ``Teacher`` are the declared interfaces; an engine subclasses one and inherits the no-op
 defaults of the optional methods (a routed teacher overrides ``check_sources`` and ``metrics``, a vLLM engine
-sets ``last_sync``), so the trainer calls them without asking which engine it got.
+sets ``last_sync``, a served teacher returns a ``TeacherStream`` from ``stream``), so the trainer calls them
+without asking which engine it got.
 """
 
 from __future__ import annotations
@@ -102,6 +103,26 @@ class RolloutEngine(Protocol):
         ...
 
 
+class TeacherStream(Protocol):
+    """Scores one rollout's rows as they finish sampling (``Teacher.stream``), so the teacher's work overlaps the
+    decoding of the rows still running. ``finish`` returns exactly what ``Teacher.score`` would."""
+
+    #: the teacher's own time on the rows (requests in flight, then assembling the scores), known after finish
+    seconds: float
+
+    def submit(self, rows: list[int], responses: list[list[int]]) -> None:
+        """Rows (indices into the rollout) whose sampling ended, with their final response tokens."""
+        ...
+
+    def finish(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> TeacherScores:
+        """The whole rollout's scores, after sampling: rows not submitted yet are scored now."""
+        ...
+
+    def close(self) -> None:
+        """Drop the requests not sent yet (sampling failed; ``finish`` will not be called)."""
+        ...
+
+
 class Teacher(Protocol):
     """What the training loop needs from a teacher engine (``teacher.engine``)."""
 
@@ -114,6 +135,11 @@ class Teacher(Protocol):
         """Scores on the device of ``response_ids`` (the rollout's), except ``hidden``, which stays on the
         teacher's device; callers move them once with ``TeacherScores.to``."""
         ...
+
+    def stream(self, prompt_ids: list[list[int]], *, k: int, keep_hidden: bool = False) -> TeacherStream | None:
+        """A scorer for rows as they finish sampling, or None: the engine scores whole rollouts only (a local
+        teacher would take the cores or the device the student is decoding on)."""
+        return None
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Teacher logits (N, V) from its hidden states (N, H): engines with the "hidden" capability only."""

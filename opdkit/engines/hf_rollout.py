@@ -60,7 +60,7 @@ def select_cache_rows(cache, rows: torch.Tensor) -> None:
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int], pad_id: int,
            temperature: float = 1.0, top_p: float = 1.0, topk: int = 0, greedy: bool = False,
            seeds: list[int] | None = None, vocab_size: int | None = None, min_new_tokens: int = 0,
-           stop_hook=None, share_prefill: bool = True, compact: bool = True
+           stop_hook=None, share_prefill: bool = True, compact: bool = True, on_finished=None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Batched sampling with a KV cache.
 
@@ -77,6 +77,9 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
             (the n samples of a prompt), instead of recomputing it per row.
         compact: drop rows that ended from the decode batch (their KV cache, mask and positions), so a
             finished row costs no further decode steps.
+        on_finished: optional f(rows, responses), called once per row as soon as the loop sees it stop, with
+            the rows' indices and final response tokens (``FinishedRows``), so a teacher can score them while
+            other rows decode. It only reads: the samples are the same with or without it.
     Returns:
         response_ids (B, T), response_mask (B, T), sampling_logp (B, T), topk_ids (B, T, k) or None,
         truncated (B,).
@@ -91,7 +94,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
     noise = row_uniforms(noise_keys(seeds, device), torch.arange(max_new_tokens, device=device))
     # "Are rows done?" reads a device value on the host; on an accelerator that sync stalls the launch queue,
     # so it is asked (and the batch compacted) every few tokens there (all-pad columns are trimmed below).
-    check_every = 1 if device.type == "cpu" else 8
+    check_every = check_interval(device)
+    finished = None if on_finished is None else FinishedRows(on_finished, B, eos_ids, device)
     alive = torch.arange(B, device=device)                     # original row of each decode-batch row
     decoding = torch.ones(B, dtype=torch.bool, device=device)  # per decode-batch row: not finished yet
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -116,6 +120,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
         if stop_hook is not None and (stop := stop_hook(t, tokens[:, :steps], None if tops is None else tops[:, :steps])) is not None:
             decoding &= ~stop.to(device)[alive]
         if (t + 1) % check_every == 0 or stop_hook is not None:
+            if finished is not None:
+                finished.report(alive[~decoding], tokens[:, :steps])
             if not bool(decoding.any()):
                 break
             if compact and not bool(decoding.all()):
@@ -127,7 +133,33 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: lis
                     use_cache=True)
         step_logits = out.logits[:, -1]
         next_pos = next_pos + 1
+    if finished is not None:  # rows at max_new_tokens, and rows that ended after the last check
+        finished.report(torch.arange(B, device=device), tokens[:, :steps])
     return _trimmed(tokens[:, :steps].cpu(), logps, tops if topk else None, eos_ids)
+
+
+def check_interval(device: torch.device) -> int:
+    """Decode steps between the loop's "are rows done?" checks on ``device``."""
+    return 1 if device.type == "cpu" else 8
+
+
+class FinishedRows:
+    """``sample``'s ``on_finished`` notifications: each row once, at the first check that sees it stopped."""
+
+    def __init__(self, callback, rows: int, eos_ids: list[int], device: torch.device):
+        self.callback, self.eos_ids = callback, eos_ids
+        self.reported = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def report(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """rows: (N,) indices of rows that have stopped (some perhaps reported before); tokens: (B, t) so far."""
+        new = rows[~self.reported[rows]]
+        if not new.numel():
+            return
+        self.reported[new] = True
+        block = tokens[new].cpu()
+        # a stopped row emits pad from then on: its response is what precedes its first EOS, or all of it
+        mask, _ = response_mask_from_eos(block, self.eos_ids)
+        self.callback(new.tolist(), [row[keep].tolist() for row, keep in zip(block, mask)])
 
 
 def _prefill(model, prompts: list[list[int]], pad_id: int, share_prefill: bool, device: torch.device):
@@ -216,7 +248,7 @@ class HFRolloutEngine(RolloutEngine):
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, topk: int, seed: int, greedy: bool = False,
                  example_index: list[int] | None = None, row_offset: int = 0, min_new_tokens: int = 0,
-                 stop_hook=None) -> Rollout:
+                 stop_hook=None, on_finished=None) -> Rollout:
         rows = [p for p in prompts for _ in range(n)]
         was_training = self.model.training
         self.model.eval()
@@ -226,7 +258,7 @@ class HFRolloutEngine(RolloutEngine):
                 temperature=temperature, top_p=top_p, topk=topk, greedy=greedy,
                 seeds=row_seeds(seed, row_offset, len(rows)), min_new_tokens=min_new_tokens,
                 vocab_size=self.vocab_size, stop_hook=stop_hook, share_prefill=self.share_prefill,
-                compact=self.compact)
+                compact=self.compact, on_finished=on_finished)
         finally:
             self.model.train(was_training)
         index = [i for i in (example_index or range(len(prompts))) for _ in range(n)]

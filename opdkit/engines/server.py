@@ -3,7 +3,8 @@
 For each rollout row the client sends the student's token ids (prompt ids + response ids) as one token prompt
 to ``POST {url}/completions`` with ``max_tokens=1`` and ``prompt_logprobs=k``, and reads, at every response
 position, the log-prob of the student's token and the teacher's top-k. Rows are sent ``request_batch_size`` at
-a time, ``concurrency`` requests in flight; failed requests (connection errors, timeouts, HTTP 408/429/5xx)
+a time, ``concurrency`` requests in flight (``ServerStream``: as soon as that many rows finish sampling, with
+``teacher.stream_scoring``); failed requests (connection errors, timeouts, HTTP 408/429/5xx)
 are retried with exponential backoff, other HTTP errors fail at once with the server's message.
 
 Before the first step the client checks that the server is the teacher it should be: the served model must be
@@ -20,14 +21,14 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ..data import render_prompt
 from ..errors import InvalidInput, MissingDependency
 from ..models import TokenizerMismatchError
-from .base import Teacher, TeacherScores
+from .base import Teacher, TeacherScores, TeacherStream
 from .logprobs import EngineError, scores_from_prompt_logprobs, sequences_to_score
 from .vllm_engine import check_served_temperature
 
@@ -156,22 +157,97 @@ class ServerTeacher(Teacher):
                               f"prompt_logprobs (e.g. vllm serve)")
         return [c["prompt_logprobs"] for c in choices]
 
+    def stream(self, prompt_ids: list[list[int]], *, k: int, keep_hidden: bool = False) -> "ServerStream":
+        if keep_hidden:
+            raise InvalidInput("teacher.engine=server cannot return hidden states (full-vocabulary objectives need "
+                               "teacher.engine=hf)")
+        return ServerStream(self, prompt_ids, k)
+
     @torch.no_grad()
     def score(self, prompt_ids: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor, *,
               k: int, student_topk_ids: torch.Tensor | None = None, keep_hidden: bool = False,
               sources: list[str] | None = None) -> TeacherScores:
-        if keep_hidden:
-            raise InvalidInput("teacher.engine=server cannot return hidden states (full-vocabulary objectives need "
-                               "teacher.engine=hf)")
-        seqs, lengths = sequences_to_score(prompt_ids, response_ids, response_mask)
-        batches = [seqs[i:i + self.batch_size] for i in range(0, len(seqs), self.batch_size)]
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(batches)))) as pool:
-            results = [row for batch in pool.map(lambda b: self._score_batch(b, k), batches) for row in batch]
+        # every row unsubmitted: finish sends them in row order, request_batch_size at a time
+        return self.stream(prompt_ids, k=k, keep_hidden=keep_hidden).finish(response_ids, response_mask)
+
+
+class ServerStream(TeacherStream):
+    """Rows of one rollout sent to the server as they finish sampling: a request as soon as
+    ``request_batch_size`` finished rows wait (the rest in ``finish``), up to ``concurrency`` in flight, so the
+    server scores while the student still decodes. Rows are grouped by finishing order instead of row order;
+    each row's log-probs are the server's for that row alone, so the scores equal ``ServerTeacher.score``'s."""
+
+    def __init__(self, teacher: ServerTeacher, prompt_ids: list[list[int]], k: int):
+        self.teacher, self.prompt_ids, self.k = teacher, prompt_ids, k
+        self.responses: dict[int, list[int]] = {}
+        self.waiting: list[int] = []  # finished rows not sent yet
+        self.sent: list[tuple[list[int], Future]] = []
+        self.spans: list[tuple[float, float]] = []  # (start, end) of each answered request
+        self.seconds = 0.0
+        requests = -(-len(prompt_ids) // teacher.batch_size)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, min(teacher.concurrency, requests)),
+                                       thread_name_prefix="opdkit-teacher")
+
+    def submit(self, rows: list[int], responses: list[list[int]]) -> None:
+        for row, response in zip(rows, responses):
+            if row in self.responses:
+                raise RuntimeError(f"rollout row {row} was submitted for teacher scoring twice")
+            self.responses[row] = list(response)
+            self.waiting.append(row)
+        while len(self.waiting) >= self.teacher.batch_size:
+            self._send(self.teacher.batch_size)
+
+    def _send(self, count: int) -> None:
+        rows, self.waiting = self.waiting[:count], self.waiting[count:]
+        seqs = [list(self.prompt_ids[r]) + self.responses[r] for r in rows]
+        self.sent.append((rows, self.pool.submit(self._request, seqs)))
+
+    def _request(self, seqs: list[list[int]]) -> list[list]:
+        start = time.perf_counter()
+        out = self.teacher._score_batch(seqs, self.k)
+        self.spans.append((start, time.perf_counter()))
+        return out
+
+    @torch.no_grad()
+    def finish(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> TeacherScores:
+        seqs, lengths = sequences_to_score(self.prompt_ids, response_ids, response_mask)
+        results: list = [None] * len(seqs)
+        try:
+            rest = [i for i in range(len(seqs)) if i not in self.responses]
+            self.submit(rest, [seqs[i][len(self.prompt_ids[i]):] for i in rest])
+            stale = [row for row, response in self.responses.items()
+                     if list(self.prompt_ids[row]) + response != seqs[row]]
+            if stale:
+                raise RuntimeError(f"rollout rows {stale} were sent for teacher scoring with response tokens that "
+                                   f"differ from their final ones: the sampler reported them before they stopped")
+            while self.waiting:
+                self._send(self.teacher.batch_size)
+            for rows, future in self.sent:  # in the order sent: the first failed request raises
+                for row, logprobs in zip(rows, future.result()):
+                    results[row] = logprobs
+        finally:
+            self.close()
+        start = time.perf_counter()
         entries = [[{int(tid): (float(v["logprob"]), int(v.get("rank") or 0)) for tid, v in pos.items()}
                     for pos in row[len(p):len(p) + n]]
-                   for row, p, n in zip(results, prompt_ids, lengths)]
-        return scores_from_prompt_logprobs(entries, response_ids, response_mask, k, self.vocab_size,
-                                           f"teacher server {self.base}")
+                   for row, p, n in zip(results, self.prompt_ids, lengths)]
+        scores = scores_from_prompt_logprobs(entries, response_ids, response_mask, self.k, self.teacher.vocab_size,
+                                             f"teacher server {self.teacher.base}")
+        self.seconds = busy_seconds(self.spans) + time.perf_counter() - start
+        return scores
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the time at least one request was in flight."""
+    total, covered = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > covered:
+            total += end - max(start, covered)
+            covered = end
+    return total
 
 
 def _hint(text: str) -> str:
