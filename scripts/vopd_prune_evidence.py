@@ -178,6 +178,27 @@ def cmd_prune(out: Path, only: str | None = None, seeds: str | None = None) -> N
             run_experiment(z, exp, seed, opd, out / "prune")
 
 
+def interleaved_timing(ds: dict, reps: int) -> dict:
+    """Per-phase median step times and tokens of each named Distiller in ``ds``, stepping them in turn (so the
+    shared CPU's load drifts alike over all); ``step_time_vs_none`` is against the first."""
+    rows: dict = {n: [] for n in ds}
+    for step in range(1, reps + 1):
+        for n, d in ds.items():
+            m, _ = d.opd_step(step)
+            rows[n].append(m)
+    result = {}
+    for n, ms in rows.items():
+        result[n] = {k: statistics.median(m[k] for m in ms) for k in
+                     ("time/step", "time/rollout", "time/teacher", "time/train", "rollout/tokens", "rollout/len_max")}
+        result[n]["generated_tokens"] = statistics.median(m.get("prune/generated_tokens", m["rollout/tokens"])
+                                                          for m in ms)
+        result[n]["step_times"] = [m["time/step"] for m in ms]
+    first = next(iter(ds))
+    for n in ds:
+        result[n]["step_time_vs_none"] = result[n]["time/step"] / result[first]["time/step"]
+    return result
+
+
 def cmd_timing(out: Path, reps: int = 6) -> None:
     """Step time with and without Prune-OPD, interleaved step by step so that the shared CPU's load drifts alike
     over all variants; reports per-phase medians and tokens."""
@@ -189,19 +210,7 @@ def cmd_timing(out: Path, reps: int = 6) -> None:
     names = ("none", "truncate", "truncate_t0.6", "downweight_t0.6")
     ds = {n: Distiller(distill_config(z, Experiment(f"timing_{n}", "S0", "T_new", overrides=PRUNE_RUNS[n]), 0, opd,
                                       out / "timing"), log_to_disk=False) for n in names}
-    rows: dict = {n: [] for n in names}
-    for step in range(1, reps + 1):
-        for n, d in ds.items():
-            m, _ = d.opd_step(step)
-            rows[n].append(m)
-    result = {}
-    for n, ms in rows.items():
-        result[n] = {k: statistics.median(m[k] for m in ms) for k in
-                     ("time/step", "time/rollout", "time/teacher", "time/train", "rollout/tokens", "rollout/len_max")}
-        result[n]["generated_tokens"] = statistics.median(m.get("prune/generated_tokens", m["rollout/tokens"])
-                                                          for m in ms)
-    for n in names:
-        result[n]["step_time_vs_none"] = result[n]["time/step"] / result["none"]["time/step"]
+    result = interleaved_timing(ds, int(reps))
     (out / "timing.json").write_text(json.dumps({"reps": reps, **result}, indent=1))
     print(json.dumps(result, indent=1))
 
@@ -219,20 +228,7 @@ def cmd_timing_real(out: Path, study: str = "/tmp/runs/real", reps: int = 4) -> 
     opd = RealOPDConfig(long_steps=int(reps))
     ds = {n: Distiller(real_distill_config(real, exps[n], 0, opd, out / "timing_real"), log_to_disk=False)
           for n in names}
-    rows: dict = {n: [] for n in names}
-    for step in range(1, int(reps) + 1):
-        for n, d in ds.items():
-            m, _ = d.opd_step(step)
-            rows[n].append(m)
-    result = {}
-    for n, ms in rows.items():
-        result[n] = {k: statistics.median(m[k] for m in ms) for k in
-                     ("time/step", "time/rollout", "time/teacher", "time/train", "rollout/tokens", "rollout/len_max")}
-        result[n]["generated_tokens"] = statistics.median(m.get("prune/generated_tokens", m["rollout/tokens"])
-                                                          for m in ms)
-        result[n]["step_times"] = [m["time/step"] for m in ms]
-    for n in names:
-        result[n]["step_time_vs_none"] = result[n]["time/step"] / result[names[0]]["time/step"]
+    result = interleaved_timing(ds, int(reps))
     out.mkdir(parents=True, exist_ok=True)
     (out / "timing_real.json").write_text(json.dumps({"reps": int(reps), **result}, indent=1))
     print(json.dumps(result, indent=1))
