@@ -232,8 +232,11 @@ def test_probe_config_file_and_errors(tmp_path, task, capsys):
     old = tmp_path / "old.yaml"
     old.write_text(f"student: {task['student']}\nteacher: {task['compatible']}\nprompts: {task['prompts']}\n"
                    "n_prompts: 4\nteacher_temperature: 0.5\nmax_new_tokens: 8\nstudent_dtype: float32\n")
-    with pytest.warns(FutureWarning, match="'n_prompts' is deprecated .* use 'data.limit'"):
+    with pytest.warns(FutureWarning) as caught:
         legacy = load_config(ProbeConfig, old)
+    assert sorted(str(w.message).split("'")[1] for w in caught) == [
+        "max_new_tokens", "n_prompts", "prompts", "student_dtype", "teacher_temperature"]
+    assert "use 'data.limit'" in next(str(w.message) for w in caught if "'n_prompts'" in str(w.message))
     assert (legacy.data.train, legacy.data.limit, legacy.teacher.temperature, legacy.rollout.max_new_tokens,
             legacy.student.dtype) == (task["prompts"], 4, 0.5, 8, "float32")
     assert main(["probe", "--config", str(cfg), "thresholds.min_overlap=1"]) == 2
