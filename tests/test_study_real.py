@@ -101,6 +101,21 @@ def test_prune_claim_needs_a_faster_step_at_equal_heldout_kl():
     assert row["holds"] == "holds" and "never fired" in row["ours"].split("; threshold 0.7")[0]
 
 
+def test_vopd_claim_compares_each_policy_gradient_form_with_and_without_the_baseline():
+    def run(kl, grad):
+        return {"eval/reverse_kl@after": kl, "optim/grad_norm@mean": grad}
+
+    both = {"pg_topk": [run(0.020, 3.5)], "pg_topk_vopd": [run(0.012, 3.0)],
+            "sampled": [run(0.05, 7.0)], "sampled_vopd": [run(0.04, 5.0)]}
+    row = next(r for r in real_claims(both, {}, {}) if r["claim"].startswith("vOPD"))
+    assert row["holds"] == "holds" and "sampled-token form" in row["ours"] and "top-16" in row["ours"]
+    worse = {**both, "sampled_vopd": [run(0.06, 8.0)]}  # the baseline hurts the sampled form
+    assert next(r for r in real_claims(worse, {}, {}) if r["claim"].startswith("vOPD"))["holds"] == "partly"
+    only_pg = {k: v for k, v in both.items() if k.startswith("pg")}
+    row = next(r for r in real_claims(only_pg, {}, {}) if r["claim"].startswith("vOPD"))
+    assert row["holds"] == "holds" and "sampled-token" not in row["ours"]
+
+
 def test_probe_table_scores_the_probe_against_outcomes():
     results = {"new_capability": [{"accuracy_gain": 0.3}], "same_pipeline": [{"accuracy_gain": 0.01}],
                "reverse": [{"accuracy_gain": -0.3}]}

@@ -120,6 +120,9 @@ REAL_EXTRAS: tuple[Experiment, ...] = (
     Experiment("pg_topk", "base", "rl", train="arith", eval="arith", key=True, overrides=("objective.form=pg",)),
     Experiment("pg_topk_vopd", "base", "rl", train="arith", eval="arith", key=True,
                overrides=("objective.form=pg", "objective.baseline=vopd")),
+    Experiment("sampled", "base", "rl", train="arith", eval="arith", key=True, overrides=("objective.name=sampled",)),
+    Experiment("sampled_vopd", "base", "rl", train="arith", eval="arith", key=True,
+               overrides=("objective.name=sampled", "objective.baseline=vopd")),
     # Prune-OPD where it fires: at the preset threshold 0.5 truncate never stops a row on this pair (the top-16
     # overlap stays near 0.71); 0.6 is the threshold the study task used for the same purpose.
     Experiment("long_prune_truncate_t06", "pruned", "base", train="long", eval="long", key=True,
