@@ -165,6 +165,14 @@ class PromptDataConfig(DataFileConfig):
                                default="")
     max_prompt_length: int = _help("prompts longer than this many tokens are skipped or rejected", default=1024)
 
+    def validate(self, section: str = "data") -> None:
+        if not self.train:
+            raise ConfigError(f"{section}.train is required: a .jsonl or .parquet prompt file")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"{section}.limit must be > 0, got {self.limit}")
+        if self.max_prompt_length <= 0:
+            raise ConfigError(f"{section}.max_prompt_length must be > 0")
+
 
 @dataclass
 class DataConfig(PromptDataConfig):

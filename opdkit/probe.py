@@ -171,15 +171,12 @@ class ProbeConfig:
             raise ConfigError("student.path is required (--student or student=PATH)")
         if not self.teacher_list:
             raise ConfigError("give a teacher (--teacher T) or several (--teachers T1 T2 ...)")
-        if not self.data.train:
-            raise ConfigError("data.train is required (--prompts FILE.jsonl)")
         for key in ("student.device", "teacher.device"):
             if _get(self, key) != "cpu":
                 raise ConfigError(f"{key}={_get(self, key)!r}: opdkit probe runs its models on the CPU (the models "
                                   f"are small enough to probe there); use {key}=cpu")
+        self.data.validate()  # data.train (--prompts FILE.jsonl) is required
         self.rollout.validate()
-        if self.data.limit is not None and self.data.limit <= 0:
-            raise ConfigError(f"data.limit must be > 0, got {self.data.limit}")
         for key in ("k", "chunk_size", "teacher.temperature"):
             if _get(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {_get(self, key)}")

@@ -47,12 +47,7 @@ class PromptsConfig(PromptDataConfig):
                                        default=None)
 
     def validate(self, section: str = "data") -> None:
-        if not self.train:
-            raise ConfigError(f"{section}.train is required: a .jsonl or .parquet prompt file")
-        if self.limit is not None and self.limit <= 0:
-            raise ConfigError(f"{section}.limit must be > 0, got {self.limit}")
-        if self.max_prompt_length <= 0:
-            raise ConfigError(f"{section}.max_prompt_length must be > 0")
+        super().validate(section)
         try:
             _check_messages(self.fewshot, f"{section}.fewshot") if self.fewshot else None
         except DatasetError as e:
